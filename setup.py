@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="rlhf",
+    version="0.1.0",
+    description="RLHF in three stages (SFT, reward model, PPO) on one DeepSpeed ZeRO backbone",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rlhf", "rlhf.*", "launch", "launch.*"]),
+    package_data={"": ["../configs/*.yaml"]},
+    install_requires=[
+        # torch is not pinned here: install the build that fits your machine first
+        # (README). Pinning it would pull a CUDA wheel onto CPU-only machines.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.56",
+        "datasets>=3.0",
+        "tokenizers>=0.21",
+        "peft>=0.15",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "trl==1.12.0", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
+)
