@@ -1,0 +1,361 @@
+"""The one object that owns torch.distributed and DeepSpeed.
+
+Trainers never call ``deepspeed`` or ``torch.distributed`` themselves: they ask
+the backbone to wrap a model, step it, reduce metrics, save and load. The same
+code runs on CUDA with NCCL and on the CPU with gloo (DeepSpeed's accelerator
+abstraction picks the device and the backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from rlhf.config import DeepSpeedConfig, OptimConfig
+
+# Importing deepspeed prints accelerator detection lines; keep them at warning level.
+os.environ.setdefault("DS_ACCELERATOR_LOG_LEVEL", "warning")
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+
+def deepspeed_config(
+    ds: DeepSpeedConfig,
+    micro_batch_size: int,
+    accumulation_steps: int,
+    world_size: int,
+    max_grad_norm: float = 0.0,
+    trainable: bool = True,
+) -> dict[str, Any]:
+    """Build the DeepSpeed JSON for one engine from the typed config (the only place it is built).
+
+    Frozen models (reference policy, reward model) get an inference config: ZeRO-3
+    when asked (parameters stay partitioned), otherwise plain replication.
+    """
+    stage = ds.zero_stage if trainable or ds.zero_stage == 3 else 0
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if ds.offload_optimizer and trainable:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": get_accelerator().device_name() != "cpu"}
+    if ds.offload_params and stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": get_accelerator().device_name() != "cpu"}
+    if stage == 3:
+        # Export gathers the shards itself (Backbone.full_state_dict); no 16-bit copy is needed.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": micro_batch_size * accumulation_steps * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # We hand DeepSpeed a torch AdamW (fused on CUDA); it is tested with ZeRO.
+        "zero_allow_untested_optimizer": True,
+    }
+    if trainable and max_grad_norm > 0:
+        cfg["gradient_clipping"] = max_grad_norm
+    if ds.precision == "bf16" and stage == 0 and trainable:
+        # Keep fp32 master weights and gradient accumulation (DeepSpeed's BF16 optimizer).
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return _deep_update(cfg, ds.extra)
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Backbone:
+    """Distributed state and the few verbs a trainer needs.
+
+    Starts under the `deepspeed` launcher, under torchrun, or as one plain process
+    (then it sets the rank variables itself, so no launcher is needed for one rank).
+    """
+
+    def __init__(self) -> None:
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        self.accelerator = get_accelerator()
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend=self.accelerator.communication_backend_name(),
+                                       verbose=False)
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.accelerator.device_name() != "cpu":
+            self.accelerator.set_device(self.local_rank)
+        self.device = torch.device(self.accelerator.device_name(self.local_rank))
+
+    # ------------------------------------------------------------------ who am I
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def main_first(self, fn: Callable[[], Any], local: bool = True) -> Any:
+        """Run `fn` on the (node-local) main rank first, then on the others.
+
+        For work that fills a cache (tokenization): the others then read it. If the
+        main rank fails, every rank raises the same error instead of hanging.
+        """
+        first = self.is_local_main if local else self.is_main
+        error = None
+        result = None
+        if first:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below on every rank
+                error = e
+        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
+        torch.distributed.broadcast_object_list(msg, src=0)
+        if error is not None:
+            raise error
+        if msg[0] is not None:
+            raise RuntimeError(f"rank 0 failed: {msg[0]}")
+        if not first:
+            result = fn()
+        self.barrier()
+        return result
+
+    # ------------------------------------------------------------------ seeding and RNG
+
+    def seed_everything(self, seed: int) -> None:
+        """The same seed on every rank: model init and data order must agree across ranks."""
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.accelerator.manual_seed_all(seed)
+
+    def rng_state(self) -> dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if self.accelerator.device_name() != "cpu":
+            state["device"] = self.accelerator.get_rng_state()
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "device" in state and self.accelerator.device_name() != "cpu":
+            self.accelerator.set_rng_state(state["device"])
+
+    @contextlib.contextmanager
+    def fork_rng(self, seed: int):
+        """Run a block with its own seeded RNG, leaving the training RNG streams untouched
+        (evaluation must not change what training samples next)."""
+        devices = [] if self.device.type == "cpu" else [self.device]
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            yield
+
+    # ------------------------------------------------------------------ engines
+
+    @contextlib.contextmanager
+    def model_init(self, ds: DeepSpeedConfig, trainable: bool = True):
+        """Context for building or loading a model that will be wrapped with `ds`.
+
+        Under ZeRO-3 transformers must know the DeepSpeed config while the model is
+        created, so that each rank only ever holds its shard (a 70B model never
+        materialises whole on one rank).
+        """
+        if ds.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        hf_ds = HfDeepSpeedConfig(deepspeed_config(ds, 1, 1, self.world_size, trainable=trainable))
+        try:
+            yield hf_ds
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_ds
+
+    def make_optimizer(self, model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig):
+        """AdamW without decay on biases and norms. torch's fused kernel on CUDA;
+        DeepSpeed's CPU Adam when optimizer states are offloaded (it requires it)."""
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        if ds.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        if self.device.type == "cuda":
+            kwargs["fused"] = True
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def wrap(
+        self,
+        model: torch.nn.Module,
+        ds: DeepSpeedConfig,
+        optim: OptimConfig | None = None,
+        micro_batch_size: int = 1,
+        accumulation_steps: int = 1,
+        total_steps: int = 1,
+    ):
+        """Wrap `model` in a DeepSpeed engine. With `optim` it is trainable (AdamW and
+        a warmup + decay schedule over `total_steps`); without it is frozen (eval)."""
+        trainable = optim is not None
+        cfg = deepspeed_config(ds, micro_batch_size, accumulation_steps, self.world_size,
+                               optim.max_grad_norm if optim else 0.0, trainable)
+        optimizer = scheduler = None
+        if trainable:
+            from transformers import get_scheduler
+
+            optimizer = self.make_optimizer(model, optim, ds)
+            warmup = optim.warmup_steps or int(optim.warmup_ratio * total_steps)
+            scheduler = get_scheduler(optim.scheduler, optimizer, num_warmup_steps=warmup,
+                                      num_training_steps=total_steps)
+        else:
+            model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+        if not trainable:
+            engine.eval()
+        return engine
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or mean, max, min) of a tensor over ranks; returns a new tensor on the device."""
+        x = x.detach().to(self.device, torch.float64 if x.is_floating_point() else x.dtype).clone()
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "mean": torch.distributed.ReduceOp.SUM,
+               "max": torch.distributed.ReduceOp.MAX, "min": torch.distributed.ReduceOp.MIN}
+        torch.distributed.all_reduce(x, op=ops[op])
+        return x / self.world_size if op == "mean" else x
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, engines: dict[str, Any], ckpt_root: Path, step: int,
+                        trainer_state: dict[str, Any], keep_last: int,
+                        rank_state: dict[str, Any] | None = None) -> Path:
+        """Write a resumable checkpoint atomically: into a temporary directory, renamed
+        to `step-N` only once every rank has finished writing. A crash mid-save leaves
+        the previous checkpoint intact and the temporary directory ignored."""
+        final = ckpt_root / f"step-{step:08d}"
+        tmp = ckpt_root / f".tmp-step-{step:08d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+        # Per-rank state: RNG streams (sampling differs per rank) and e.g. EMA shards.
+        torch.save({"rng": self.rng_state(), **(rank_state or {})}, tmp / f"rank{self.rank}.pt")
+        if self.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        self.barrier()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(ckpt_root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return final
+
+    def load_checkpoint(self, engines: dict[str, Any], ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore engines (model, optimizer, scheduler) and this rank's RNG.
+
+        Returns the trainer state and this rank's extra state (empty when the
+        checkpoint was written by a different number of ranks)."""
+        if not (ckpt / "trainer_state.json").exists():
+            raise ValueError(f"{ckpt} is not a finished checkpoint (no trainer_state.json)")
+        for name, engine in engines.items():
+            path, _ = engine.load_checkpoint(str(ckpt), tag=name)
+            if path is None:
+                raise RuntimeError(f"checkpoint {ckpt} has no state for the {name} model")
+        rank_file = ckpt / f"rank{self.rank}.pt"
+        rank_state: dict[str, Any] = {}
+        if rank_file.exists():
+            rank_state = torch.load(rank_file, weights_only=False)
+            self.set_rng_state(rank_state.pop("rng"))
+        return json.loads((ckpt / "trainer_state.json").read_text()), rank_state
+
+    # ------------------------------------------------------------------ export
+
+    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole state dict on the main rank (None elsewhere), gathering ZeRO-3 shards.
+
+        Parameters are gathered one at a time so the peak extra memory is one tensor.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            if hasattr(p, "ds_id"):  # a ZeRO-3 partitioned parameter
+                with deepspeed.zero.GatheredParameters([p]):
+                    if self.is_main:
+                        out[name] = p.detach().to("cpu", copy=True)
+            elif self.is_main:
+                out[name] = p.detach().to("cpu", copy=True)
+        if self.is_main:
+            params = dict(module.named_parameters())
+            for name, b in module.state_dict().items():
+                if name not in out and name not in params:
+                    out[name] = b.detach().to("cpu", copy=True)
+            return out
+        return None
+
+    def gathered(self, modules: Iterable[torch.nn.Module]):
+        """Gather every ZeRO-3 parameter of `modules` for the duration of the context
+        (e.g. one rollout batch of generation); a no-op for other stages."""
+        params = [p for m in modules for p in m.parameters() if hasattr(p, "ds_id")]
+        if not params:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params)
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary directories are not finished)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))

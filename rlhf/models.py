@@ -1,0 +1,228 @@
+"""Load, build and save the models of every stage, in Hugging Face format.
+
+Two kinds of model:
+- causal LMs (policy, reference policy): ``AutoModelForCausalLM``;
+- scalar-head models (reward, value): ``AutoModelForSequenceClassification`` with
+  ``num_labels=1``, the convention TRL and OpenRLHF use, so reward models move
+  freely between their tools and ours.
+
+Sequence scores are read at the last non-padding token found from the attention
+mask (positions), never by comparing token ids with pad or EOS.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf.config import LoraConfig, ModelConfig, TokenizerConfig
+
+
+def load_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig | None = None):
+    """The tokenizer from `cfg.path` (or the model's path), with a pad token distinct from EOS."""
+    from transformers import AutoTokenizer
+
+    path = cfg.path or (model_cfg.path if model_cfg else None)
+    if path is None:
+        raise ValueError("tokenizer.path is not set and model.path is not set: nowhere to load a tokenizer from")
+    trust = bool(model_cfg and model_cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer.path: cannot load a tokenizer from {path!r}: {e}") from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path!r} has no EOS token; responses could never end")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": cfg.pad_token})
+    if cfg.chat_template is not None:
+        p = Path(cfg.chat_template)
+        tok.chat_template = p.read_text() if p.is_file() else cfg.chat_template
+    tok.padding_side = "right"
+    return tok
+
+
+def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None):
+    from transformers import AutoConfig
+
+    if cfg.path is not None:
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    else:
+        arch = dict(cfg.arch)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        config.vocab_size = len(tokenizer)
+    if cfg.dropout is not None:
+        # Every dropout-like field of the HF config (dropout, attention_dropout, resid_pdrop, ...).
+        for key, value in list(config.to_dict().items()):
+            if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+                setattr(config, key, cfg.dropout)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    if num_labels is not None:
+        config.num_labels = num_labels
+    if cfg.attn_implementation is not None:
+        config._attn_implementation = cfg.attn_implementation
+    return config
+
+
+def _finish(model: nn.Module, cfg: ModelConfig, tokenizer) -> nn.Module:
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        # The pad token we added (or the tokenizer is larger than the model's vocabulary).
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM from `cfg.path`, or randomly initialised from `cfg.arch`."""
+    from transformers import AutoModelForCausalLM
+
+    config = _model_config(cfg, tokenizer)
+    if cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return _finish(model, cfg, tokenizer)
+
+
+def load_scalar_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A scalar-head model (reward or value) from a causal-LM or reward-model directory,
+    or randomly initialised from `cfg.arch`. A new head is initialised by transformers."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = _model_config(cfg, tokenizer, num_labels=1)
+    if cfg.path is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.path, config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype,
+                                                               trust_remote_code=cfg.trust_remote_code)
+    return _finish(model, cfg, tokenizer)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str) -> nn.Module:
+    """Wrap `model` with PEFT LoRA adapters (no-op when cfg.r == 0). The scalar head of
+    a reward/value model stays fully trainable (PEFT's SEQ_CLS task does that)."""
+    if cfg.r == 0:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = cfg.target_modules if cfg.target_modules is not None else "all-linear"
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=target, task_type=task_type)
+    return get_peft_model(model, peft_cfg)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a DeepSpeed engine and/or a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def scalar_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(transformer body, linear head) of a sequence-classification model."""
+    hf = unwrap(model)
+    body = getattr(hf, hf.base_model_prefix, None)
+    head = getattr(hf, "score", None) or getattr(hf, "classifier", None)
+    if body is None or not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(hf).__name__} has no transformer body + linear `score` head; "
+                         "reward and value models need an AutoModelForSequenceClassification of that shape")
+    return body, head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 on the first real token, whatever the padding side."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ScalarModel(nn.Module):
+    """A sequence-classification model read at every position: `forward` returns the
+    head's output for each token, `(B, T)` (PPO's values; the reward is read at the
+    last token). Wrapping keeps the call inside one module forward, which ZeRO-3's
+    parameter hooks expect."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+        scalar_head(hf_model)  # refuse early a model whose head we do not know
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Looked up per call, not stored: stored submodules would appear twice in state_dict.
+        body, head = scalar_head(self.hf)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return head(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row, `(B,)`, from positions only."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward of each sequence: the head at its last non-padding token, `(B,)`.
+
+    `model` is a ScalarModel (or its DeepSpeed engine). Gives the same numbers left-
+    or right-padded, and the same numbers as `AutoModelForSequenceClassification`
+    loaded from our export (whose pad token is distinct from every real token, so its
+    pad-based lookup finds the same token).
+    """
+    values = model(input_ids, attention_mask)
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx[:, None]).squeeze(1)
+
+
+def save_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, out_dir: Path,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write `state_dict` as a Hugging Face model directory (safetensors) with the tokenizer.
+
+    LoRA adapters are merged into the base weights first, so the export loads with
+    plain transformers. Call on the main rank only.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)
+    if isinstance(model, ScalarModel):
+        model = model.hf
+        state_dict = {k.removeprefix("hf."): v for k, v in state_dict.items()}
+    if hasattr(model, "merge_and_unload"):
+        model, state_dict = _merged_lora(model, state_dict)
+    hf = unwrap(model)
+    hf.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if extra:
+        (out_dir / "rlhf.json").write_text(json.dumps(extra, indent=1))
+
+
+def _merged_lora(peft_model: nn.Module, state_dict: dict[str, torch.Tensor]):
+    """Merge LoRA weights on a CPU copy built from the config (the engine's own
+    parameters may be ZeRO-3 shards, so they are not touched)."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    base = peft_model.get_base_model()
+    auto = AutoModelForSequenceClassification if hasattr(base, "score") else AutoModelForCausalLM
+    fresh = auto.from_config(copy.deepcopy(base.config), dtype=torch.float32)
+    fresh = get_peft_model(fresh, copy.deepcopy(peft_model.peft_config["default"]))
+    fresh.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
+    merged = fresh.merge_and_unload()
+    dtype = next(iter(state_dict.values())).dtype
+    merged = merged.to(dtype)
+    return merged, merged.state_dict()

@@ -1,0 +1,260 @@
+"""The loop every stage shares, written once.
+
+`Trainer.fit()` reads top to bottom:
+
+    1. setup      - output directory checks, tokenizer, data, models, engines
+    2. resume     - the latest checkpoint, if any (models, optimizers, RNG, step)
+    3. train      - optimizer steps; each is `train_step(micro_batches)`
+    4. finish     - final evaluation, checkpoint, Hugging Face export to final/
+
+SFT and the reward model use `train` as it is and supply `build_models`,
+`compute_loss` and `evaluate`; PPO replaces `train` with its own loop. A
+researcher overrides one of the named steps, not the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.backbone import Backbone, list_checkpoints
+from rlhf.config import BaseStageConfig, dump
+from rlhf.data import StageData, build_stage_data
+from rlhf.data.batching import StepSampler, eval_batches
+from rlhf.metrics import MetricsWriter, plot_metrics
+from rlhf.models import load_tokenizer
+
+
+class RunDirError(ValueError):
+    """The output directory holds something we must not overwrite."""
+
+
+class Trainer:
+    stage = ""
+    plot_keys: list[str] = []
+
+    def __init__(self, cfg: BaseStageConfig, backbone: Backbone | None = None):
+        self.cfg = cfg
+        self.backbone = backbone or Backbone()
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+        self.total_steps = 0
+        self.engines: dict[str, Any] = {}  # name -> trainable DeepSpeed engine (checkpointed)
+        self.metrics: MetricsWriter | None = None
+
+    # ================================================================== the run
+
+    def fit(self) -> dict[str, float]:
+        """Run the stage to the end and return the final evaluation metrics."""
+        if self.is_finished():
+            self.backbone.print(f"[{self.stage}] {self.out / 'final'} exists: this stage already finished")
+            return self.final_metrics()
+        self.setup()
+        self.resume()
+        self.train()
+        return self.finish()
+
+    def is_finished(self) -> bool:
+        return self.cfg.checkpoint.resume == "auto" and (self.out / "final").is_dir()
+
+    # ------------------------------------------------------------------ 1. setup
+
+    def setup(self) -> None:
+        cfg, bb = self.cfg, self.backbone
+        self.check_output_dir()
+        bb.seed_everything(cfg.seed)
+        if cfg.task is not None:
+            from rlhf.task_setup import materialize_task
+
+            bb.main_first(lambda: materialize_task(cfg.task), local=False)
+        self.tokenizer = load_tokenizer(cfg.tokenizer, getattr(cfg, "model", None))
+        self.data = bb.main_first(lambda: build_stage_data(self.stage, cfg.data, self.tokenizer))
+        bb.print(f"[{self.stage}] data: {self.data.summary}")
+        self.accumulation = cfg.train.accumulation_steps(bb.world_size)
+        self.sampler = self.make_sampler()
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
+        self.build_models()
+        if bb.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump(cfg))
+            bb.print(f"[{self.stage}] config:\n{dump(cfg)}")
+            bb.print(f"[{self.stage}] {len(self.data.train)} train / {len(self.data.eval)} eval samples, "
+                     f"{self.total_steps} steps of {cfg.train.global_batch_size} "
+                     f"({bb.world_size} ranks x {cfg.train.micro_batch_size} x {self.accumulation} accumulation)")
+
+    def check_output_dir(self) -> None:
+        """Refuse to write into a directory that holds something else, or a finished
+        run when asked to start afresh: nothing already written is lost."""
+        out = self.out
+        if not out.exists() or not any(out.iterdir()):
+            return
+        if not (out / "config.yaml").exists():
+            raise RunDirError(f"output_dir {out} is not empty and is not an rlhf run directory; "
+                              "choose a new output_dir")
+        if self.cfg.checkpoint.resume == "never":
+            raise RunDirError(f"output_dir {out} already holds a run and checkpoint.resume=never: "
+                              "choose a new output_dir or use checkpoint.resume=auto to continue it")
+
+    def make_sampler(self) -> StepSampler:
+        """Which training samples each optimizer step takes on this rank."""
+        t = self.cfg.train
+        return StepSampler(len(self.data.train), t.global_batch_size, t.micro_batch_size,
+                           self.backbone.world_size, self.backbone.rank, self.cfg.seed)
+
+    def build_models(self) -> None:
+        """Create the models and their engines (`self.engines` holds the trainable ones)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ 2. resume
+
+    def resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            ckpt = None
+        elif resume == "auto":
+            found = list_checkpoints(self.out / "checkpoints")
+            ckpt = found[-1] if found else None
+        else:
+            ckpt = Path(resume)
+        if ckpt is not None:
+            state, rank_state = self.backbone.load_checkpoint(self.engines, ckpt)
+            self.step = state["step"]
+            self.load_state(state, rank_state)
+            self.backbone.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}")
+        if self.backbone.is_main:
+            self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard)
+
+    def state(self) -> dict[str, Any]:
+        """Trainer state saved with each checkpoint, beyond models and optimizers (JSON)."""
+        return {"step": self.step, "stage": self.stage}
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own state saved with each checkpoint (tensors allowed)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Restore what `state()` and `rank_state()` added (subclasses: KL controller, EMA)."""
+
+    # ------------------------------------------------------------------ 3. train
+
+    def train(self) -> None:
+        """Optimizer steps until `total_steps`, with logging, evaluation and checkpoints."""
+        cfg = self.cfg
+        if self.step == 0 and self.data.eval:
+            self.log(self.evaluate())  # the starting point, so the curve shows what training did
+        bar = self.progress_bar()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            micro_batches = [self.collate([self.data.train[i] for i in idx])
+                             for idx in self.sampler.step(self.step)]
+            metrics = self.train_step(micro_batches)
+            self.step += 1
+            metrics["train/step_time_s"] = time.perf_counter() - t0
+            metrics["train/epoch"] = self.step / self.sampler.steps_per_epoch
+            if self.step % cfg.train.log_every == 0:
+                self.log(metrics)
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                self.log(self.evaluate())
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+            self.update_progress(bar, metrics)
+        if bar is not None:
+            bar.close()
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns metrics
+        already reduced over ranks."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def eval_index_batches(self, n: int):
+        size = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+        return eval_batches(n, size, self.backbone.world_size, self.backbone.rank)
+
+    # ------------------------------------------------------------------ 4. finish
+
+    def finish(self) -> dict[str, float]:
+        metrics = self.evaluate() if self.has_eval() else {}
+        if metrics:
+            self.log(metrics)
+        if not list_checkpoints(self.out / "checkpoints") or \
+                list_checkpoints(self.out / "checkpoints")[-1].name != f"step-{self.step:08d}":
+            self.save_checkpoint()
+        self.export_final()
+        if self.backbone.is_main:
+            self.metrics.close()
+            plot_metrics(self.out / "metrics.jsonl", self.out / f"{self.stage}_curves.png", self.plot_keys,
+                         title=f"{self.stage}: {self.out}")
+            (self.out / "final" / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+        self.backbone.barrier()
+        return metrics
+
+    def has_eval(self) -> bool:
+        return bool(self.data.eval)
+
+    def final_metrics(self) -> dict[str, float]:
+        path = self.out / "final" / "final_metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def export_final(self) -> None:
+        """Export to final/ through a temporary directory, so final/ is whole or absent."""
+        tmp = self.out / ".final.tmp"
+        if self.backbone.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.export(tmp)
+        if self.backbone.is_main:
+            shutil.rmtree(self.out / "final", ignore_errors=True)
+            tmp.rename(self.out / "final")
+        self.backbone.barrier()
+
+    def export(self, out_dir: Path) -> None:
+        """Write the trained model(s) in Hugging Face format (collective: all ranks call)."""
+        raise NotImplementedError
+
+    # ================================================================== helpers
+
+    def save_checkpoint(self) -> None:
+        path = self.backbone.save_checkpoint(self.engines, self.out / "checkpoints", self.step, self.state(),
+                                             self.cfg.checkpoint.keep_last, self.rank_state())
+        self.backbone.print(f"[{self.stage}] checkpoint {path}")
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.backbone.is_main and metrics:
+            self.metrics.write(self.step, metrics)
+
+    def progress_bar(self):
+        if not (self.backbone.is_main and self.cfg.logging.progress_bar):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.stage, dynamic_ncols=True)
+
+    def update_progress(self, bar, metrics: dict[str, float]) -> None:
+        if bar is None:
+            return
+        shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in metrics.items()
+                 if k in ("train/loss", "train/tokens_per_s", "train/accuracy")}
+        bar.set_postfix(shown, refresh=False)
+        bar.update(1)
+
+    def mean_over_ranks(self, total: float | torch.Tensor, count: float | torch.Tensor) -> float:
+        """sum(total) / sum(count) over all ranks."""
+        t = self.backbone.all_reduce(torch.tensor([float(total), float(count)]))
+        return (t[0] / t[1].clamp(min=1)).item()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.deepspeed.precision]
+
+
+__all__ = ["Trainer", "RunDirError", "StageData"]

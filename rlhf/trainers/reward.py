@@ -1,0 +1,106 @@
+"""Stage 2: the reward model. A scalar head on a causal-LM body, trained on ranked pairs
+with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.config import RMConfig
+from rlhf.data.batching import collate_pairs
+from rlhf.losses import pairwise_loss, reward_centering_loss
+from rlhf.models import ScalarModel, apply_lora, load_scalar_model, save_pretrained, sequence_scores
+from rlhf.trainers.base import Trainer
+
+
+class RewardTrainer(Trainer):
+    stage = "rm"
+    plot_keys = ["train/loss", "eval/loss", "eval/accuracy", "eval/margin"]
+
+    cfg: RMConfig
+
+    def build_models(self) -> None:
+        cfg, bb = self.cfg, self.backbone
+        with bb.model_init(cfg.deepspeed):
+            model = load_scalar_model(cfg.model, self.tokenizer, self.dtype)
+        model = ScalarModel(apply_lora(model, cfg.model.lora, "SEQ_CLS"))
+        self.reward = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
+                              self.total_steps)
+        self.engines = {"reward": self.reward}
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_pairs(examples, self.tokenizer.pad_token_id)
+
+    def scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) scores `(B,)` from one forward pass over both halves."""
+        dev = self.backbone.device
+        s = sequence_scores(self.reward, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+        half = s.shape[0] // 2
+        return s[:half], s[half:]
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, chosen scores, rejected scores) of one micro-batch; the loss is the pair mean."""
+        chosen, rejected = self.scores(batch)
+        margin = batch["margin"].to(chosen.device) if self.cfg.reward.use_margin else None
+        loss = pairwise_loss(chosen, rejected, margin)
+        if self.cfg.reward.centering_coef > 0:
+            loss = loss + self.cfg.reward.centering_coef * reward_centering_loss(chosen, rejected)
+        return loss, chosen.detach(), rejected.detach()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        # Every micro-batch holds the same number of pairs, so DeepSpeed's average over
+        # accumulation steps and ranks of per-micro-batch means is the global pair mean.
+        bb = self.backbone
+        t0 = time.perf_counter()
+        loss_sum, correct, chosen_sum, rejected_sum, pairs = 0.0, 0, 0.0, 0.0, 0
+        for batch in micro_batches:
+            loss, chosen, rejected = self.compute_loss(batch)
+            self.reward.backward(loss)
+            self.reward.step()
+            loss_sum += loss.item() * chosen.numel()
+            correct += int((chosen > rejected).sum())
+            chosen_sum += chosen.sum().item()
+            rejected_sum += rejected.sum().item()
+            pairs += chosen.numel()
+        t = bb.all_reduce(torch.tensor([loss_sum, correct, chosen_sum, rejected_sum, pairs], dtype=torch.float64))
+        n = t[4].item()
+        grad_norm = self.reward.get_global_grad_norm()
+        return {
+            "train/loss": t[0].item() / n,
+            "train/accuracy": t[1].item() / n,
+            "train/chosen_score": t[2].item() / n,
+            "train/rejected_score": t[3].item() / n,
+            "train/lr": self.reward.get_lr()[0],
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/pairs_per_s": n / (time.perf_counter() - t0),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.reward.eval()
+        loss_sum, correct, chosen_sum, rejected_sum, pairs = 0.0, 0, 0.0, 0.0, 0
+        for idx in self.eval_index_batches(len(self.data.eval)):
+            loss, chosen, rejected = self.compute_loss(self.collate([self.data.eval[i] for i in idx]))
+            loss_sum += loss.item() * chosen.numel()
+            correct += int((chosen > rejected).sum())
+            chosen_sum += chosen.sum().item()
+            rejected_sum += rejected.sum().item()
+            pairs += chosen.numel()
+        self.reward.train()
+        t = self.backbone.all_reduce(torch.tensor([loss_sum, correct, chosen_sum, rejected_sum, pairs],
+                                                  dtype=torch.float64))
+        n = max(t[4].item(), 1)
+        return {
+            "eval/loss": t[0].item() / n,
+            "eval/accuracy": t[1].item() / n,
+            "eval/chosen_score": t[2].item() / n,
+            "eval/rejected_score": t[3].item() / n,
+            "eval/margin": (t[2].item() - t[3].item()) / n,
+        }
+
+    def export(self, out_dir: Path) -> None:
+        state = self.backbone.full_state_dict(self.reward.module)
+        if self.backbone.is_main:
+            save_pretrained(self.reward.module, state, self.tokenizer, out_dir)

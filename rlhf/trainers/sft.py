@@ -1,0 +1,114 @@
+"""Stage 1: supervised fine-tuning. Next-token loss on response tokens only."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.config import SFTConfig
+from rlhf.data.batching import collate_sft
+from rlhf.losses import lm_loss
+from rlhf.models import apply_lora, load_causal_lm, save_pretrained
+from rlhf.trainers.base import Trainer
+
+
+class SFTTrainer(Trainer):
+    stage = "sft"
+    plot_keys = ["train/loss", "eval/loss", "eval/perplexity", "train/lr"]
+
+    cfg: SFTConfig
+
+    def build_models(self) -> None:
+        cfg, bb = self.cfg, self.backbone
+        if cfg.data.packing:
+            check_packing_supported(cfg.model.arch.get("model_type") if cfg.model.arch else None, cfg)
+        with bb.model_init(cfg.deepspeed):
+            model = load_causal_lm(cfg.model, self.tokenizer, self.dtype)
+        model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
+        self.policy = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
+                              self.total_steps)
+        self.engines = {"policy": self.policy}
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_sft(examples, self.tokenizer.pad_token_id)
+
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = self.backbone.device
+        out = self.policy(input_ids=batch["input_ids"].to(dev),
+                          attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(dev),
+                          position_ids=batch["position_ids"].to(dev), use_cache=False)
+        return out.logits
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
+        """Summed response-token NLL of this micro-batch divided by `normalizer`."""
+        logits = self.forward_logits(batch)
+        return lm_loss(logits, batch["input_ids"].to(logits.device), batch["loss_mask"].to(logits.device),
+                       normalizer)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        bb = self.backbone
+        t0 = time.perf_counter()
+        # Normalise by the response tokens of the whole global batch (all micro-batches,
+        # all ranks), not per micro-batch: then accumulating 4 micro-batches of 2 gives
+        # exactly the gradient of one batch of 8, whatever their lengths. DeepSpeed
+        # divides by accumulation steps and averages over ranks, so multiply that back.
+        local_targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
+        local_tokens = sum(int((b["input_ids"] != self.tokenizer.pad_token_id).sum()) if b["attention_mask"] is None
+                           else int(b["attention_mask"].sum()) for b in micro_batches)
+        counts = bb.all_reduce(torch.tensor([local_targets, local_tokens], dtype=torch.float64))
+        normalizer = counts[0].clamp(min=1).item() / (self.accumulation * bb.world_size)
+        loss_sum = 0.0
+        for batch in micro_batches:
+            loss = self.compute_loss(batch, normalizer)
+            self.policy.backward(loss)
+            self.policy.step()
+            loss_sum += loss.item()
+        loss_total = bb.all_reduce(torch.tensor(loss_sum)).item() / (self.accumulation * bb.world_size)
+        elapsed = time.perf_counter() - t0
+        grad_norm = self.policy.get_global_grad_norm()
+        return {
+            "train/loss": loss_total,
+            "train/lr": self.policy.get_lr()[0],
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/tokens_per_s": counts[1].item() / elapsed,
+            "train/response_tokens": counts[0].item(),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.policy.eval()
+        nll, count = 0.0, 0
+        for idx in self.eval_index_batches(len(self.data.eval)):
+            batch = self.collate([self.data.eval[i] for i in idx])
+            logits = self.forward_logits(batch)
+            nll += lm_loss(logits, batch["input_ids"].to(logits.device), batch["loss_mask"].to(logits.device),
+                           1.0).item()
+            count += int(batch["loss_mask"][:, 1:].sum())
+        self.policy.train()
+        loss = self.mean_over_ranks(nll, count)
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+    def export(self, out_dir: Path) -> None:
+        state = self.backbone.full_state_dict(self.policy.module)
+        if self.backbone.is_main:
+            save_pretrained(self.policy.module, state, self.tokenizer, out_dir)
+
+
+def check_packing_supported(model_type: str | None, cfg: SFTConfig) -> None:
+    """Packing relies on transformers building a block-diagonal mask from position_ids
+    (when no attention mask is given); models outside this list are refused rather than
+    silently attending across samples. The list is what our packing test covers."""
+    from transformers import AutoConfig
+
+    if model_type is None:
+        model_type = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+                                                ).model_type
+    if model_type not in PACKING_MODEL_TYPES:
+        raise ValueError(f"data.packing: model type {model_type!r} is not known to keep packed samples apart "
+                         f"(supported: {', '.join(sorted(PACKING_MODEL_TYPES))}); set data.packing=false")
+
+
+PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gemma", "gemma2", "phi3"}
