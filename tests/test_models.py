@@ -1,0 +1,116 @@
+"""Models without DeepSpeed: packing keeps samples apart, scores ignore padding, exports load in
+plain transformers with the same outputs (LoRA merged)."""
+
+import pytest
+import torch
+
+from conftest import PACKING_ARCHS, TINY_ARCHS
+from rlhf.config import DataConfig, LoraConfig, ModelConfig, SFTConfig
+from rlhf.data.batching import collate_pairs, collate_sft, pack
+from rlhf.losses import lm_loss
+from rlhf.trainers.sft import PACKING_MODEL_TYPES, check_packing_supported
+from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained,
+                         sequence_scores)
+
+
+def model_cfg(family, **kw):
+    return ModelConfig(arch=dict({**TINY_ARCHS, **PACKING_ARCHS}[family]), dropout=0.0, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "qwen2"])
+def test_packing_gives_the_same_per_sample_loss(family, tokenizer):
+    assert family in PACKING_MODEL_TYPES
+    torch.manual_seed(0)
+    model = load_causal_lm(model_cfg(family), tokenizer).eval()
+    g = torch.Generator().manual_seed(1)
+    exs = []
+    for n in (5, 9, 7):
+        ids = torch.randint(3, len(tokenizer) - 1, (n,), generator=g).tolist()
+        exs.append({"input_ids": ids, "loss_mask": [0, 0] + [1] * (n - 2)})
+    packed = collate_sft(pack(exs, max_length=64), tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] == 1  # all three in one sequence
+    with torch.no_grad():
+        # use_cache=False: with a cache transformers does not look for packed sequences
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        start = 0
+        for e in exs:
+            n = len(e["input_ids"])
+            alone = collate_sft([e], tokenizer.pad_token_id)
+            ref = lm_loss(model(input_ids=alone["input_ids"]).logits, alone["input_ids"], alone["loss_mask"])
+            got = lm_loss(logits[:, start:start + n], packed["input_ids"][:, start:start + n],
+                          packed["loss_mask"][:, start:start + n])
+            assert torch.allclose(got, ref, atol=1e-5), (family, got, ref)
+            start += n
+
+
+def test_packing_is_refused_for_models_that_would_attend_across_samples(tmp_path):
+    # OPT derives its mask without position ids, so packed samples would see each other.
+    cfg = SFTConfig(model=model_cfg("opt"), data=DataConfig(path="x.jsonl", packing=True))
+    with pytest.raises(ValueError, match="data.packing: model type 'opt' is not known to keep packed samples"):
+        check_packing_supported("opt", cfg)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_scores_ignore_padding_and_match_the_hf_export(family, tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = ScalarModel(load_scalar_model(model_cfg(family), tokenizer)).eval()
+    pairs = [{"chosen_ids": [5, 6, 7, 8, 9], "rejected_ids": [5, 6], "margin": 0.0},
+             {"chosen_ids": [10, 11, 12], "rejected_ids": [13, 14, 15, 16, 17, 18, 19], "margin": 0.0}]
+    right = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        s_right = sequence_scores(model, right["input_ids"], right["attention_mask"])
+        # left padding: same rows, pads first
+        seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+        from rlhf.data.batching import pad
+
+        left_ids = pad(seqs, tokenizer.pad_token_id, side="left")
+        left_mask = pad([[1] * len(s) for s in seqs], 0, side="left")
+        s_left = sequence_scores(model, left_ids, left_mask)
+        alone = torch.stack([sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+                             for s in seqs])
+    assert torch.allclose(s_right, s_left, atol=1e-5) and torch.allclose(s_right, alone, atol=1e-5)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_pretrained(model, state, tokenizer, tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert hf.config.num_labels == 1
+    with torch.no_grad():
+        s_hf = hf(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits.squeeze(-1)
+    assert torch.allclose(s_hf, s_right, atol=1e-5)
+
+
+def test_lora_is_merged_on_export(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = apply_lora(load_causal_lm(model_cfg("llama"), tokenizer), LoraConfig(r=4, alpha=8), "CAUSAL_LM")
+    with torch.no_grad():  # make the adapters non-zero so merging matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    save_pretrained(model, {k: v.clone() for k, v in model.state_dict().items()}, tokenizer, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert not any("lora" in k for k in loaded.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, ref, atol=1e-5)
+
+
+def test_pad_token_is_added_distinct_from_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.config import TokenizerConfig
+    from rlhf.models import load_tokenizer
+
+    raw = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<eos>": 2}, unk_token="a"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<eos>").save_pretrained(tmp_path)
+    tok = load_tokenizer(TokenizerConfig(path=str(tmp_path)))
+    assert tok.pad_token_id not in (None, tok.eos_token_id) and len(tok) == 4
+    model = load_causal_lm(ModelConfig(arch=dict(TINY_ARCHS["gpt2"])), tok)
+    assert model.get_input_embeddings().weight.shape[0] >= 4 and model.config.pad_token_id == tok.pad_token_id
