@@ -1,0 +1,130 @@
+"""SFT on tiny models: it learns, the export matches, and the invariants hold
+(gradient accumulation equals a bigger batch; a resumed run equals an uninterrupted one)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import TINY_ARCHS
+from rlhf.config import SFTConfig, load_stage_config
+from rlhf.trainers.base import RunDirError
+from rlhf.trainers.sft import SFTTrainer
+
+NOUNS = ["cat", "dog", "sun", "moon", "apple", "river", "stone", "tree"]
+ADJS = ["calm", "red", "big", "small", "happy", "sad"]
+
+
+def write_sft_data(path, n, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            noun, adj = rng.choice(NOUNS), rng.choice(ADJS)
+            f.write(json.dumps({"prompt": f"Describe the {noun}.\n", "response": f"the {noun} is {adj}."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft_data")
+    return write_sft_data(d / "train.jsonl", 96), write_sft_data(d / "eval.jsonl", 24, seed=1)
+
+
+def make_cfg(tmp_path, sft_data, tokenizer_dir, *overrides, family="llama"):
+    train, ev = sft_data
+    base = [f"output_dir={tmp_path / 'out'}", f"tokenizer.path={tokenizer_dir}", f"data.path={train}",
+            f"data.eval.path={ev}", "data.max_length=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+            "train.max_steps=6", "optim.lr=3e-3", "optim.scheduler=linear", "model.dropout=0.0",
+            "logging.progress_bar=false", f"model.arch={json.dumps(TINY_ARCHS[family])}"]
+    return load_stage_config(SFTConfig, None, base + list(overrides))
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.policy.module.state_dict().items()}
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_sft_learns_and_exports(family, tmp_path, sft_data, tokenizer_dir, backbone):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(tmp_path, sft_data, tokenizer_dir, "train.max_steps=30", "optim.lr=1e-2", family=family)
+    trainer = SFTTrainer(cfg, backbone)
+    trainer.setup()
+    before = weights(trainer)
+    trainer.resume()
+    start = trainer.evaluate()["eval/loss"]
+    trainer.train()
+    final = trainer.finish()
+    after = weights(trainer)
+    # it learned: eval loss well below the start, every weight moved
+    assert final["eval/loss"] < 0.6 * start, (start, final)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    # the export is a plain HF model with the engine's logits
+    out = tmp_path / "out"
+    assert (out / "config.yaml").exists() and (out / "sft_curves.png").exists()
+    hf = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    trainer.policy.eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_bigger_batch(tmp_path, sft_data, tokenizer_dir, backbone):
+    # batch 8 at once vs 4 micro-batches of 2: the token-normalised loss makes them equal
+    # even though the micro-batches hold different numbers of response tokens.
+    a = SFTTrainer(make_cfg(tmp_path / "a", sft_data, tokenizer_dir, "train.micro_batch_size=8"), backbone)
+    a.fit()
+    b = SFTTrainer(make_cfg(tmp_path / "b", sft_data, tokenizer_dir, "train.micro_batch_size=2"), backbone)
+    b.fit()
+    assert b.accumulation == 4 and a.accumulation == 1
+    la, lb = losses(tmp_path / "a" / "out"), losses(tmp_path / "b" / "out")
+    assert len(la) == 6 and torch.allclose(torch.tensor(la), torch.tensor(lb), atol=1e-5), (la, lb)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, sft_data, tokenizer_dir, backbone, monkeypatch):
+    full = SFTTrainer(make_cfg(tmp_path / "full", sft_data, tokenizer_dir, "checkpoint.every=3"), backbone)
+    full.fit()
+
+    cfg = make_cfg(tmp_path / "cut", sft_data, tokenizer_dir, "checkpoint.every=3")
+    crashing = SFTTrainer(cfg, backbone)
+    real_step = SFTTrainer.train_step
+
+    def step_then_crash(self, micro_batches):
+        if self.step == 4:
+            raise KeyboardInterrupt("simulated crash after step 4")
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(SFTTrainer, "train_step", step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    monkeypatch.setattr(SFTTrainer, "train_step", real_step)
+
+    resumed = SFTTrainer(cfg, backbone)
+    resumed.fit()
+    assert resumed.step == 6
+    assert losses(tmp_path / "cut" / "out") == pytest.approx(losses(tmp_path / "full" / "out"), abs=1e-6)
+    wf, wr = weights(full), weights(resumed)
+    for k in wf:
+        assert torch.equal(wf[k], wr[k]), k
+    # finished: a second run finds final/ and does nothing
+    assert SFTTrainer(cfg, backbone).fit() == resumed.final_metrics()
+
+
+def test_output_dir_is_never_overwritten(tmp_path, sft_data, tokenizer_dir, backbone):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="not an rlhf run directory"):
+        SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir), backbone).fit()
+    assert (out / "precious.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == \
+        ["precious.txt"]
