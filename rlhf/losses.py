@@ -1,0 +1,306 @@
+"""The math of every stage as pure tensor functions: losses, KL, rewards, GAE.
+
+Nothing here reads a config or a trainer attribute; every number arrives as an
+argument. Shapes: `B` rows, `T` tokens, `V` vocabulary. Per-token PPO tensors are
+`(B, R)` over the response tokens, and `action_mask` is 1 on the response up to and
+including the first EOS, 0 after it (see rlhf.rollout for the layout).
+
+Several losses take a `normalizer`: the sum over tokens is divided by it instead
+of by this batch's own token count, so that a trainer can divide by the token count
+of the whole global batch (all micro-batches, all ranks). Then gradient
+accumulation and data parallelism give exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Number = float | torch.Tensor
+
+
+# --------------------------------------------------------------------------- masked reductions
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `x` where `mask` is 1 (over all entries, or along `dim`)."""
+    x = x * mask
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` where `mask` is 1; 0 (not NaN) where the mask is empty."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over the masked entries (Bessel-corrected by default)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale `x` to unit variance (and zero mean, with `shift_mean`) over the mask; 0 outside it."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# --------------------------------------------------------------------------- token log-probabilities
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position, `(B, T, V), (B, T) -> (B, T)`, in float32.
+
+    `gather - logsumexp` instead of `log_softmax().gather()`: the full `(B, T, V)`
+    log-softmax is never materialised, which is the peak-memory spot with large
+    vocabularies. The caller aligns logits with labels (no shift here).
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position, `(B, T, V) -> (B, T)`."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+            normalizer: Number | None = None) -> torch.Tensor:
+    """Causal language-model loss on the masked target tokens.
+
+    Args:
+        logits: `(B, T, V)` model outputs for the input `labels`.
+        labels: `(B, T)` input ids; position t predicts token t + 1.
+        loss_mask: `(B, T)` 1 on target tokens that count (aligned with `labels`, so
+            `loss_mask[:, 0]` is never used: nothing predicts the first token).
+        normalizer: divide the summed NLL by this; default: the number of counted targets.
+
+    Returns:
+        Scalar loss: sum of NLL over counted targets / normalizer.
+    """
+    nll = -logprobs_from_logits(logits[:, :-1], labels[:, 1:])
+    mask = loss_mask[:, 1:].to(nll.dtype)
+    total = masked_sum(nll, mask)
+    if normalizer is None:
+        normalizer = mask.sum().clamp(min=1)
+    return total / normalizer
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                  margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss, mean over pairs of `-log sigmoid(r_chosen - r_rejected - margin)`.
+
+    Args:
+        chosen_scores, rejected_scores: `(B,)`.
+        margin: `(B,)` or None; a positive margin asks chosen to win by that much
+            (Llama 2's margin loss).
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()  # logsigmoid: finite for any difference
+
+
+def reward_centering_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of `(r_chosen + r_rejected)^2`, which keeps scores near zero
+    (Eisenstein et al. 2023); the trainer multiplies it by a coefficient."""
+    return ((chosen_scores + rejected_scores) ** 2).mean()
+
+
+# --------------------------------------------------------------------------- KL and rewards
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens, `(B, R)`.
+
+    k1 = logp - logp_ref (unbiased, can be negative); k2 = (logp - logp_ref)^2 / 2;
+    k3 = (r - 1) - log r with r = p_ref / p (unbiased and never negative; Schulman,
+    "Approximating KL divergence", 2020).
+    """
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = exp(-log_ratio)
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+
+
+def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last action token of each row, `(B, R) -> (B,)`; -1 for a row without one.
+
+    From positions only, never from token ids (pad and EOS ids say nothing here).
+    """
+    positions = torch.arange(action_mask.shape[1], device=action_mask.device)
+    last = (positions * action_mask.long()).argmax(-1)
+    return torch.where(action_mask.bool().any(-1), last, torch.full_like(last, -1))
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                    action_mask: torch.Tensor, kl_coef: float, clip_score: float | None = None,
+                    estimator: str = "k1") -> torch.Tensor:
+    """Per-token PPO rewards `(B, R)`.
+
+    `-kl_coef * kl` on every action token, plus the sequence score (`(B,)`, clipped to
+    `[-clip_score, clip_score]` when given) on the last action token; exactly 0
+    outside the mask. A row without action tokens gets no score.
+    """
+    mask = action_mask.float()
+    rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    if clip_score is not None:
+        scores = scores.clamp(-clip_score, clip_score)
+    last = last_action_index(action_mask)
+    has = last >= 0
+    rows = torch.arange(scores.shape[0], device=scores.device)[has]
+    rewards[rows, last[has]] += scores[has].to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    The episode ends after the last action token: the value of the state after it is
+    0 (no bootstrap from padding). One reverse pass over time, vectorised over rows.
+
+    Args:
+        rewards, values: `(B, R)`.
+        action_mask: `(B, R)`, a run of 1s per row (rows may differ in length).
+        gamma, lam: discount and GAE lambda.
+
+    Returns:
+        advantages, returns: `(B, R)`, 0 outside the mask; returns = advantages + values on it.
+    """
+    mask = action_mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        # Outside the mask nothing happens and the running terms are reset, so the
+        # token before a masked position sees next value 0: the episode has ended.
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = adv
+        next_value = values[:, t]
+        next_adv = adv
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------- PPO losses
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                action_mask: torch.Tensor, clip_range: float,
+                normalizer: Number | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), per token `max(-A r, -A clip(r, 1-c, 1+c))`.
+
+    Args:
+        logprobs: `(B, R)` under the policy being trained (with grad).
+        old_logprobs: `(B, R)` when the responses were sampled.
+        advantages: `(B, R)`.
+        action_mask: `(B, R)`.
+        clip_range: c.
+        normalizer: divide the masked token sum by this; default: the number of action
+            tokens (a token mean over the batch).
+
+    Returns:
+        loss, and detached stats: `clipfrac` (share of action tokens where the clipped
+        branch is taken), `approx_kl` (k3 between old and new), `ratio` (mean ratio).
+    """
+    mask = action_mask.float()
+    log_ratio = (logprobs - old_logprobs) * mask  # masked first: garbage at pads cannot overflow exp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.max(unclipped, clipped)
+    if normalizer is None:
+        normalizer = mask.sum().clamp(min=1)
+    loss = masked_sum(per_token, mask) / normalizer
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,
+               clip_range: float, normalizer: Number | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss, per token `0.5 * max((V - R)^2, (V_clip - R)^2)` with
+    `V_clip = V_old + clamp(V - V_old, -c, c)`. Shapes `(B, R)`; `normalizer` as in
+    `policy_loss`. Stats: `clipfrac`, `value_error` (mean (V - R)^2)."""
+    mask = action_mask.float()
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    if normalizer is None:
+        normalizer = mask.sum().clamp(min=1)
+    loss = 0.5 * masked_sum(torch.max(err, err_clipped), mask) / normalizer
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((err_clipped > err).float(), mask), "value_error": masked_mean(err, mask)}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- KL controllers
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019's proportional controller: moves the coefficient so the
+    measured KL approaches `target`, by at most 20% error per `horizon` episodes."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        super().__init__(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def make_kl_controller(kind: str, kl_coef: float, target: float | None = None,
+                       horizon: int | None = None) -> FixedKLController:
+    if kind == "fixed":
+        return FixedKLController(kl_coef)
+    if kind == "adaptive":
+        if target is None or horizon is None:
+            raise ValueError("the adaptive KL controller needs a target and a horizon")
+        return AdaptiveKLController(kl_coef, target, horizon)
+    raise ValueError(f"unknown KL controller {kind!r}; choose fixed or adaptive")
