@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf.task import TaskConfig
+
 STAGES = ("sft", "rm", "ppo")
 
 
@@ -320,9 +322,9 @@ class BaseStageConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    task: dict[str, Any] | None = None
-    """The built-in synthetic task (rlhf.task.TaskConfig fields plus `dir`): when set,
-    its data and tokenizer are generated into task.dir before the stage starts."""
+    task: TaskConfig | None = None
+    """The built-in synthetic task: when set, its data and tokenizer are generated
+    into task.dir (once) before the stage starts. See rlhf/task.py."""
 
     stage = ""  # class attribute: which stage this config is for
 
@@ -334,6 +336,8 @@ class BaseStageConfig:
         # Data files may not exist yet when the built-in task will write them.
         if self.task is None:
             v.sub("data", self.data)
+        else:
+            v.sub("task", self.task)
 
 
 @dataclass

@@ -61,8 +61,8 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir() -> Path:
-    return Path("/tmp/smoke/tok")
+def tokenizer_dir(task_dir) -> Path:
+    return task_dir / "tokenizer"
 
 
 @pytest.fixture(scope="session")

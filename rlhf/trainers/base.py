@@ -69,9 +69,9 @@ class Trainer:
         self.check_output_dir()
         bb.seed_everything(cfg.seed)
         if cfg.task is not None:
-            from rlhf.task_setup import materialize_task
+            from rlhf.task import materialize
 
-            bb.main_first(lambda: materialize_task(cfg.task), local=False)
+            bb.main_first(lambda: materialize(cfg.task), local=False)
         self.tokenizer = load_tokenizer(cfg.tokenizer, getattr(cfg, "model", None))
         self.data = bb.main_first(lambda: build_stage_data(self.stage, cfg.data, self.tokenizer))
         bb.print(f"[{self.stage}] data: {self.data.summary}")

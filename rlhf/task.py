@@ -1,0 +1,284 @@
+"""The built-in task: "describe things nicely", with a programmatic gold reward.
+
+It lets the quickstart prove that RLHF works, with no download, on a laptop CPU:
+
+    prompt:   Describe the apple, the river and the stone.\\n
+    response: the apple is lovely, the river is calm and the stone is awful.
+
+Each adjective has a gold value in [-1, 1] (a few share the top value 1.0). The
+gold reward of a response is the mean over the prompt's nouns of the value of the
+adjective that first describes it (-1 for a noun never described), minus 0.5 for
+every other clause (a noun not in the prompt, a repeated noun, an unknown
+adjective, or a fragment that is not `the NOUN is ADJ`).
+
+- SFT demonstrations describe each noun with a uniformly random adjective: the SFT
+  policy writes well-formed answers of middling gold reward (about 0).
+- Preference pairs come from the same distribution plus corruptions (a dropped
+  noun, a foreign noun, a repeated clause), ranked by gold reward, optionally with
+  label noise. The reward model never sees a gold value, only the ranking.
+- PPO can raise the gold reward to 1.0 by choosing the best adjectives; the gold
+  reward is never shown to the policy except through the reward model.
+
+Eval prompts use noun sets that no training prompt uses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NOUNS = ["apple", "river", "stone", "garden", "house", "cloud", "forest", "bridge", "candle", "mountain",
+         "window", "road", "ocean", "letter", "clock", "flower", "street", "kitten", "song", "city", "boat",
+         "lamp", "field", "island"]
+
+ADJECTIVES = {
+    "lovely": 1.0, "wonderful": 1.0, "brilliant": 1.0, "bright": 0.8, "calm": 0.6, "pleasant": 0.5,
+    "fine": 0.3, "plain": 0.1, "odd": -0.1, "dull": -0.3, "cold": -0.4, "messy": -0.5, "ugly": -0.7,
+    "broken": -0.8, "awful": -1.0, "terrible": -1.0,
+}
+
+MISSING = -1.0  # value of a prompt noun the response never describes
+EXTRA = -0.5  # cost of any other clause
+EOS, PAD, USER, ASSISTANT = "<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>"
+_CLAUSE = re.compile(r"^the ([a-z]+) is ([a-z]+)$")
+_SPLIT = re.compile(r", | and ")
+
+
+@dataclass
+class TaskConfig:
+    dir: str = "runs/task"
+    """Where the data files and the tokenizer are written (generated once, then reused)."""
+    seed: int = 0
+    """Seed of every draw; the same seed writes the same files."""
+    num_sft: int = 4000
+    """SFT demonstrations (training)."""
+    num_sft_eval: int = 200
+    """SFT demonstrations (held out)."""
+    num_pairs: int = 4000
+    """Preference pairs (training)."""
+    num_pairs_eval: int = 400
+    """Preference pairs (held out; labelled by the gold reward, never noisy)."""
+    num_prompts: int = 2000
+    """PPO prompts (training)."""
+    num_prompts_eval: int = 200
+    """PPO prompts (held out)."""
+    label_noise: float = 0.0
+    """Probability that a training pair's labels are swapped, as human labels are noisy."""
+    min_gap: float = 0.25
+    """Pairs whose gold rewards differ by less than this are not kept (a labeller could not tell)."""
+    corruption: float = 0.3
+    """Probability that a pair response is corrupted (a noun dropped, a foreign noun, a repeat)."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary (byte-level BPE): large enough that every task word is one token."""
+
+    def validate(self, v) -> None:
+        for name in ("num_sft", "num_pairs", "num_prompts", "num_sft_eval", "num_pairs_eval", "num_prompts_eval"):
+            v.check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        v.check(0 <= self.label_noise < 0.5, "label_noise", f"must be in [0, 0.5), got {self.label_noise}")
+        v.check(0 <= self.min_gap < 2, "min_gap", f"must be in [0, 2), got {self.min_gap}")
+        v.check(0 <= self.corruption <= 1, "corruption", f"must be in [0, 1], got {self.corruption}")
+        v.check(self.vocab_size >= 300, "vocab_size", f"must be >= 300 (256 bytes + specials), got {self.vocab_size}")
+
+
+# --------------------------------------------------------------------------- text
+
+
+def make_prompt(nouns: list[str]) -> str:
+    listed = ", ".join(f"the {n}" for n in nouns[:-1]) + f" and the {nouns[-1]}"
+    return f"Describe {listed}.\n"
+
+
+def make_response(clauses: list[tuple[str, str]]) -> str:
+    parts = [f"the {n} is {a}" for n, a in clauses]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return body + "."
+
+
+def prompt_nouns(prompt: str) -> list[str]:
+    return re.findall(r"the ([a-z]+)", prompt)
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """The task's true reward of `response` to `prompt`; total on any text, never raises.
+
+    Returns the mean over prompt nouns of their adjective's value (MISSING if never
+    described), with EXTRA added for each clause that does not describe a new prompt
+    noun with a known adjective. An empty response scores MISSING.
+    """
+    nouns = prompt_nouns(prompt)
+    if not nouns:
+        return 0.0
+    described: dict[str, float] = {}
+    text, _, rest = response.strip().partition(".")  # the answer ends at its first full stop
+    extra = 1 if rest.strip() else 0  # anything after it is one more bad clause
+    for clause in _SPLIT.split(text) if text else []:
+        m = _CLAUSE.match(clause.strip())
+        if m and m.group(1) in nouns and m.group(1) not in described and m.group(2) in ADJECTIVES:
+            described[m.group(1)] = ADJECTIVES[m.group(2)]
+        else:
+            extra += 1
+    total = sum(described.get(n, MISSING) for n in nouns) + EXTRA * extra
+    return total / len(nouns)
+
+
+def best_response(prompt: str) -> str:
+    """A response with the highest gold reward (1.0)."""
+    return make_response([(n, "lovely") for n in prompt_nouns(prompt)])
+
+
+def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
+    """Share of prompts on which a beats b, ties counting one half."""
+    if len(gold_a) != len(gold_b) or not gold_a:
+        raise ValueError("win_rate needs two equally long, non-empty lists")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_a, gold_b))
+    return wins / len(gold_a)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _is_eval(nouns: list[str]) -> bool:
+    # One noun set in ten is held out for evaluation, whatever the seed (stable hash).
+    return zlib.crc32(" ".join(sorted(nouns)).encode()) % 10 == 0
+
+
+def sample_nouns(rng: random.Random, held_out: bool) -> list[str]:
+    while True:
+        nouns = rng.sample(NOUNS, rng.choice((2, 3)))
+        if _is_eval(nouns) == held_out:
+            return nouns
+
+
+def sample_clauses(rng: random.Random, nouns: list[str]) -> list[tuple[str, str]]:
+    adjs = list(ADJECTIVES)
+    return [(n, rng.choice(adjs)) for n in nouns]
+
+
+def corrupt(rng: random.Random, clauses: list[tuple[str, str]], nouns: list[str]) -> list[tuple[str, str]]:
+    """One of: drop a clause, add a foreign noun, repeat a clause."""
+    clauses = list(clauses)
+    kind = rng.choice(("drop", "foreign", "repeat"))
+    if kind == "drop" and len(clauses) > 1:
+        clauses.pop(rng.randrange(len(clauses)))
+    elif kind == "foreign":
+        foreign = rng.choice([n for n in NOUNS if n not in nouns])
+        clauses.insert(rng.randrange(len(clauses) + 1), (foreign, rng.choice(list(ADJECTIVES))))
+    else:
+        clauses.append(rng.choice(clauses))
+    return clauses
+
+
+def make_sft_rows(n: int, rng: random.Random, held_out: bool = False) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        nouns = sample_nouns(rng, held_out)
+        rows.append({"prompt": make_prompt(nouns), "response": make_response(sample_clauses(rng, nouns))})
+    return rows
+
+
+def make_pair_rows(n: int, rng: random.Random, label_noise: float = 0.0, min_gap: float = 0.25,
+                   corruption: float = 0.3, held_out: bool = False) -> list[dict]:
+    """Ranked pairs: chosen has the higher gold reward (before label noise)."""
+    rows = []
+    while len(rows) < n:
+        nouns = sample_nouns(rng, held_out)
+        prompt = make_prompt(nouns)
+        responses = []
+        for _ in range(2):
+            clauses = sample_clauses(rng, nouns)
+            if rng.random() < corruption:
+                clauses = corrupt(rng, clauses, nouns)
+            responses.append(make_response(clauses))
+        gold = [gold_reward(prompt, r) for r in responses]
+        if abs(gold[0] - gold[1]) < max(min_gap, 1e-9):
+            continue
+        hi, lo = (0, 1) if gold[0] > gold[1] else (1, 0)
+        if rng.random() < label_noise:
+            hi, lo = lo, hi
+        rows.append({"prompt": prompt, "chosen": responses[hi], "rejected": responses[lo],
+                     "gold_chosen": gold[hi], "gold_rejected": gold[lo]})
+    return rows
+
+
+def make_prompt_rows(n: int, rng: random.Random, held_out: bool = False) -> list[dict]:
+    return [{"prompt": make_prompt(sample_nouns(rng, held_out))} for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_task_data(out_dir: str | Path, cfg: TaskConfig) -> dict[str, Path]:
+    """Write the task's JSONL files (once: a second call with the same config reuses them)."""
+    out = Path(out_dir)
+    files = {name: out / f"{name}.jsonl" for name in
+             ("sft_train", "sft_eval", "pairs_train", "pairs_eval", "prompts_train", "prompts_eval")}
+    stamp = out / "task.json"
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k != "dir"}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == key and all(p.exists() for p in files.values()):
+        return files
+    rng = random.Random(cfg.seed)  # one stream, fixed order of draws: same seed, same files
+    contents = {
+        "sft_train": make_sft_rows(cfg.num_sft, rng),
+        "sft_eval": make_sft_rows(cfg.num_sft_eval, rng, held_out=True),
+        "pairs_train": make_pair_rows(cfg.num_pairs, rng, cfg.label_noise, cfg.min_gap, cfg.corruption),
+        "pairs_eval": make_pair_rows(cfg.num_pairs_eval, rng, 0.0, cfg.min_gap, cfg.corruption, held_out=True),
+        "prompts_train": make_prompt_rows(cfg.num_prompts, rng),
+        "prompts_eval": make_prompt_rows(cfg.num_prompts_eval, rng, held_out=True),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in contents.items():
+        tmp = files[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(files[name])
+    stamp.write_text(key)
+    return files
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}" + EOS +
+    "{% else %}" + USER + "{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+
+def build_tokenizer(out_dir: str | Path, cfg: TaskConfig):
+    """Train a byte-level BPE tokenizer on the task's words, offline; save it in HF format.
+
+    Pad and EOS are different tokens. Returns the `PreTrainedTokenizerFast`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    stamp = out / "task_tokenizer.json"
+    key = json.dumps({"vocab_size": cfg.vocab_size, "seed": cfg.seed, "template": CHAT_TEMPLATE})
+    if stamp.exists() and stamp.read_text() == key:
+        return AutoTokenizer.from_pretrained(out)
+    rng = random.Random(cfg.seed)
+    corpus = [make_prompt(sample_nouns(rng, rng.random() < 0.1)) + make_response(
+        sample_clauses(rng, NOUNS[:3])) for _ in range(2000)]
+    corpus += [" ".join(NOUNS), " ".join(ADJECTIVES), "Describe the , and ."]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=[EOS, PAD, USER, ASSISTANT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=[USER, ASSISTANT])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    stamp.write_text(key)
+    return fast
+
+
+def materialize(cfg: TaskConfig) -> None:
+    """Write the task's data and tokenizer into cfg.dir (idempotent)."""
+    write_task_data(cfg.dir, cfg)
+    build_tokenizer(Path(cfg.dir) / "tokenizer", cfg)
