@@ -22,28 +22,10 @@ from pathlib import Path
 
 from rlhf.config import STAGES, ConfigError, check_batch_sizes, load_stage_config
 
-CONFIG_CLASSES = {}
-
-
 def config_class(stage: str):
-    from rlhf.config import SFTConfig
+    from rlhf.config import PPOConfig, RMConfig, SFTConfig
 
-    classes = {"sft": SFTConfig}
-    try:
-        from rlhf.config import RMConfig
-
-        classes["rm"] = RMConfig
-    except ImportError:
-        pass
-    try:
-        from rlhf.config import PPOConfig
-
-        classes["ppo"] = PPOConfig
-    except ImportError:
-        pass
-    if stage not in classes:
-        raise ConfigError(f"stage {stage!r} is not available in this version")
-    return classes[stage]
+    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}[stage]
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -123,16 +105,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.Namespace) -> int:
-    world = planned_world_size(args)
-    cfg_cls = config_class(stage)
-    cfg = load_stage_config(cfg_cls, config, overrides)  # validation before anything runs
-    check_batch_sizes(cfg, world)
-    one_process = world == 1 and not args.hostfile and not args.no_ssh
+def stage_command(stage: str, config: str, overrides: list[str], args: argparse.Namespace) -> tuple[list[str], bool]:
+    """The command that runs one stage, and whether it runs in this process (one rank)."""
+    one_process = planned_world_size(args) == 1 and not args.hostfile and not args.no_ssh
     if one_process:
-        cmd = [sys.executable, "-m", f"launch.{stage}", "--config", config, *overrides]
-    else:
-        cmd = launcher_command(stage, args, overrides, config)
+        return [sys.executable, "-m", f"launch.{stage}", "--config", config, *overrides], True
+    return launcher_command(stage, args, overrides, config), False
+
+
+def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.Namespace) -> int:
+    cfg = load_stage_config(config_class(stage), config, overrides)  # validation before anything runs
+    check_batch_sizes(cfg, planned_world_size(args))
+    cmd, one_process = stage_command(stage, config, overrides, args)
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -146,6 +130,75 @@ def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.N
     return subprocess.call(cmd, env=env)
 
 
+def chat(args: argparse.Namespace) -> int:
+    """Talk to a policy: `--prompt TEXT` answers once, otherwise read lines from stdin."""
+    import torch
+
+    from rlhf.evaluate import load_policy
+
+    model, tok = load_policy(args.model_dir)
+    use_template = tok.chat_template is not None and not args.raw
+    history: list[dict[str, str]] = []
+
+    def answer(text: str) -> str:
+        if use_template:
+            history.append({"role": "user", "content": text})
+            prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+        else:
+            # Raw mode sends the line as typed, newline included (the quickstart's prompts end with one).
+            ids = tok(text if text.endswith("\n") else text + "\n", return_tensors="pt")
+        torch.manual_seed(args.seed)
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                             temperature=None if args.greedy else args.temperature,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        if use_template:
+            history.append({"role": "assistant", "content": reply})
+        return reply
+
+    if args.prompt is not None:
+        print(answer(args.prompt))
+        return 0
+    print(f"chatting with {args.model_dir} ({'chat template' if use_template else 'raw text'}); Ctrl-D to quit")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip():
+            print(answer(line))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Win rate and mean scores of a policy against a baseline on a prompt file."""
+    import json
+
+    from rlhf.config import DataConfig
+    from rlhf.data.formats import tokenize_prompts
+    from rlhf.data.sources import load_rows
+    from rlhf.evaluate import Sampling, compare_policies
+    from rlhf.models import load_tokenizer
+    from rlhf.config import TokenizerConfig
+
+    data_cfg = DataConfig(path=args.prompts, max_length=10**6, max_prompt_length=10**6 - 1)
+    rows, _ = load_rows(data_cfg, 2)
+    examples, _ = tokenize_prompts(rows, load_tokenizer(TokenizerConfig(path=args.policy)), data_cfg)
+    prompts = [e["prompt"] for e in examples][: args.limit]
+    gold = None
+    if args.task_gold:
+        from rlhf.task import gold_reward as gold
+    result = compare_policies(args.policy, args.baseline, args.reward_model, prompts,
+                              Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       seed=args.seed), gold=gold)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF in three stages on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,17 +206,50 @@ def main(argv: list[str] | None = None) -> int:
                         ("ppo", "PPO against the reward model")]:
         p = sub.add_parser(stage, help=text)
         p.add_argument("config")
-        p.add_argument("overrides", nargs="*", help="key.sub=value")
+        p.add_argument("overrides", nargs="*", help="key.sub=value (relative to the stage's section)")
         add_launcher_args(p)
+    p = sub.add_parser("pipeline", help="SFT, then RM, then PPO, then a report")
+    p.add_argument("config", help="a multi-stage config with sft:, rm: and ppo: sections")
+    p.add_argument("overrides", nargs="*", help="key=value (shared) or stage.key=value")
+    p.add_argument("--stages", default="sft,rm,ppo", help="run only these stages, e.g. rm,ppo")
+    add_launcher_args(p)
+    p = sub.add_parser("chat", help="talk to a trained policy")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", default=None, help="answer this once and exit")
+    p.add_argument("--raw", action="store_true", help="send text as typed, even if the tokenizer has a chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval", help="win rate of a policy over a baseline, judged by a reward model")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--reward-model", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet file with a prompt per row")
+    p.add_argument("--task-gold", action="store_true", help="also judge by the built-in task's gold reward")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
     try:
         if args.command in STAGES:
             return launch_stage(args.command, args.config, args.overrides, args)
-    except ConfigError as e:
+        if args.command == "pipeline":
+            from rlhf.pipeline import run_pipeline
+
+            stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+            unknown = [s for s in stages if s not in STAGES]
+            if unknown:
+                raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from sft, rm, ppo)")
+            return run_pipeline(args.config, args.overrides, stages, args)
+        if args.command == "chat":
+            return chat(args)
+        return evaluate(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""Compare two policies on a prompt set, in one process with plain transformers.
+
+`compare_policies` samples one response per prompt from each policy (same seed,
+same sampling settings), scores both with a reward model, and reports mean scores,
+the win rate of the policy over the baseline, and the policy's KL to the baseline.
+With the built-in task it also reports the gold reward and the win rate by gold
+reward. This is what `rlhf eval` runs and what the pipeline's report is made of.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf.data.batching import collate_prompts
+from rlhf.losses import masked_sum
+from rlhf.models import ScalarModel, sequence_scores
+from rlhf.rollout import action_mask_from_response, full_sequence, response_logprobs
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+
+
+def load_policy(path: str | Path, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return model, tok
+
+
+def load_reward_model(path: str | Path, device: str = "cpu"):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], s: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """Prompt ids/mask `(N, P)` (left-padded) and response ids/action mask `(N, R)` for every prompt."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    batches = []
+    gen = torch.Generator().manual_seed(s.seed)
+    for i in range(0, len(prompts), s.batch_size):
+        b = collate_prompts([{"prompt_ids": ids} for ids in prompt_ids[i:i + s.batch_size]],
+                            tokenizer.pad_token_id)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = model.generate(input_ids=b["input_ids"].to(model.device),
+                             attention_mask=b["attention_mask"].to(model.device),
+                             do_sample=s.temperature > 0, temperature=s.temperature or None,
+                             top_k=s.top_k or None, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             suppress_tokens=[tokenizer.pad_token_id])
+        batches.append((b["input_ids"], b["attention_mask"], out[:, b["input_ids"].shape[1]:].cpu()))
+    P = max(x[0].shape[1] for x in batches)
+    R = max(x[2].shape[1] for x in batches)
+    pad = tokenizer.pad_token_id
+    ids = torch.cat([torch.nn.functional.pad(x[0], (P - x[0].shape[1], 0), value=pad) for x in batches])
+    mask = torch.cat([torch.nn.functional.pad(x[1], (P - x[1].shape[1], 0), value=0) for x in batches])
+    resp = torch.cat([torch.nn.functional.pad(x[2], (0, R - x[2].shape[1]), value=pad) for x in batches])
+    action = action_mask_from_response(resp, tokenizer.eos_token_id)
+    resp = torch.where(action.bool(), resp, torch.full_like(resp, pad))
+    return ids, mask, resp, action
+
+
+@torch.no_grad()
+def score(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Reward-model scores `(N,)`, read at each sequence's last real token (from positions)."""
+    scalar = ScalarModel(reward_model)
+    out = [sequence_scores(scalar, input_ids[i:i + batch_size].to(reward_model.device),
+                           attention_mask[i:i + batch_size].to(reward_model.device)).cpu()
+           for i in range(0, input_ids.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sequence_kl(model, ref, input_ids, attention_mask, action_mask, prompt_width: int, temperature: float,
+                batch_size: int = 64) -> torch.Tensor:
+    """Per-response KL estimate (k1, summed over tokens) of `model` to `ref` on `model`'s samples."""
+    out = []
+    for i in range(0, input_ids.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        ids, mask = input_ids[sl].to(model.device), attention_mask[sl].to(model.device)
+        lp = response_logprobs(model, ids, mask, prompt_width, temperature)
+        lr = response_logprobs(ref, ids, mask, prompt_width, temperature)
+        out.append(masked_sum(lp - lr, action_mask[sl].to(lp.device).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_dir: str | Path, prompts: list[str],
+                     sampling: Sampling, gold: Callable[[str, str], float] | None = None,
+                     device: str = "cpu") -> dict:
+    """Mean scores of both policies, the policy's win rate over the baseline, its KL to it.
+
+    Returns a dict with `score_policy`, `score_baseline`, `win_rate_score`, `kl`,
+    `response_length_policy`, `eos_rate_policy`, and, when `gold` is given, `gold_policy`,
+    `gold_baseline`, `win_rate` (by gold reward), plus `samples` (a few examples).
+    """
+    from rlhf.task import win_rate
+
+    policy, tok = load_policy(policy_dir, device)
+    baseline, _ = load_policy(baseline_dir, device)
+    rm = load_reward_model(reward_dir, device)
+    results: dict = {"prompts": len(prompts)}
+    per: dict[str, dict] = {}
+    for name, model in (("policy", policy), ("baseline", baseline)):
+        ids, mask, resp, action = sample(model, tok, prompts, sampling)
+        seq, seq_mask = full_sequence(ids, mask, resp, action)
+        texts = [tok.decode(r[a.bool()].tolist(), skip_special_tokens=True) for r, a in zip(resp, action)]
+        per[name] = {"scores": score(rm, seq, seq_mask).tolist(), "texts": texts,
+                     "length": action.sum(1).float().mean().item(),
+                     "eos": ((resp == tok.eos_token_id) & action.bool()).any(1).float().mean().item()}
+        if name == "policy":
+            results["kl"] = sequence_kl(policy, baseline, seq, seq_mask, action, ids.shape[1],
+                                        sampling.temperature).mean().item()
+        if gold is not None:
+            per[name]["gold"] = [gold(p, t) for p, t in zip(prompts, texts)]
+    results["score_policy"] = sum(per["policy"]["scores"]) / len(prompts)
+    results["score_baseline"] = sum(per["baseline"]["scores"]) / len(prompts)
+    results["win_rate_score"] = win_rate(per["policy"]["scores"], per["baseline"]["scores"])
+    results["response_length_policy"] = per["policy"]["length"]
+    results["eos_rate_policy"] = per["policy"]["eos"]
+    if gold is not None:
+        results["gold_policy"] = sum(per["policy"]["gold"]) / len(prompts)
+        results["gold_baseline"] = sum(per["baseline"]["gold"]) / len(prompts)
+        results["win_rate"] = win_rate(per["policy"]["gold"], per["baseline"]["gold"])
+    pick = random.Random(sampling.seed).sample(range(len(prompts)), min(4, len(prompts)))
+    results["samples"] = [{"prompt": prompts[i], "policy": per["policy"]["texts"][i],
+                           "baseline": per["baseline"]["texts"][i]} for i in pick]
+    return results

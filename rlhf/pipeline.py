@@ -1,0 +1,106 @@
+"""`rlhf pipeline`: SFT, then the reward model, then PPO, each from the previous output,
+then a report of what RLHF did.
+
+Layout under the run's root (`output_dir`):
+
+    pipeline.yaml      the multi-stage config as run (file + overrides)
+    sft/ rm/ ppo/      one directory per stage (final/, checkpoints/, metrics.jsonl, ...)
+    timings.json       wall time of each stage
+    report.md, report.json, report.png
+
+Re-running skips the stages whose final/ exists and resumes the unfinished one from
+its last checkpoint, so an interrupted pipeline (even kill -9) finishes as if it had
+not stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.config import (STAGES, ConfigError, from_dict, load_yaml, parse_override, resolve_stage_dict, set_dotted,
+                         validate)
+
+
+def chain_defaults(data: dict[str, Any], root: str) -> list[str]:
+    """Point each stage at the previous stage's output where the config leaves it open:
+    the RM and the PPO policy start from SFT, the PPO value and reward models from the RM.
+    Returns what was filled in, to be printed."""
+    filled = []
+    wanted = [("rm", ("model",), "sft"), ("ppo", ("policy", "model"), "sft"), ("ppo", ("value", "model"), "rm"),
+              ("ppo", ("reward", "model"), "rm")]
+    for stage, path, source in wanted:
+        section = data.get(stage)
+        if not isinstance(section, dict):
+            continue
+        node = section
+        for p in path:
+            node = node.setdefault(p, {})
+        if node.get("path") is None and node.get("arch") is None:
+            node["path"] = f"{root}/{source}/final"
+            filled.append(f"{stage}.{'.'.join(path)}.path = {node['path']}")
+    return filled
+
+
+def load_pipeline(config: str, overrides: list[str], world_size: int):
+    """The multi-stage dict with overrides applied, and every stage's validated config."""
+    from rlhf.cli import config_class
+
+    data, where = load_yaml(config)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+        where[key] = f"command-line override {text!r}"
+    missing = [s for s in STAGES if s not in data]
+    if missing:
+        raise ConfigError(f"{config} has no section for {', '.join(missing)} (a pipeline config has sft:, rm: "
+                          "and ppo: sections)")
+    root = str(data.get("output_dir", "runs/default"))
+    filled = chain_defaults(data, root)
+    cfgs = {}
+    for stage in STAGES:
+        stage_dict, stage_where = resolve_stage_dict(data, where, stage, (), config)
+        cfg = from_dict(config_class(stage), stage_dict, stage_where)
+        validate(cfg, stage_where, world_size)
+        cfgs[stage] = cfg
+    return data, root, cfgs, filled
+
+
+def run_pipeline(config: str, overrides: list[str], stages: list[str], args: argparse.Namespace) -> int:
+    from rlhf.cli import launch_stage, planned_world_size, stage_command
+
+    data, root, cfgs, filled = load_pipeline(config, overrides, planned_world_size(args))
+    root_dir = Path(root)
+    resolved = root_dir / "pipeline.yaml"
+    if args.dry_run:  # every config is valid; show the commands, write nothing
+        for stage in stages:
+            print("$ " + " ".join(stage_command(stage, str(resolved), [], args)[0]))
+        return 0
+    root_dir.mkdir(parents=True, exist_ok=True)
+    resolved.write_text(yaml.safe_dump(data, sort_keys=False))
+    for line in filled:
+        print(f"[pipeline] {line} (from the previous stage)")
+    timings_path = root_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for stage in stages:
+        if (Path(cfgs[stage].output_dir) / "final").is_dir():
+            print(f"[pipeline] {stage}: finished before, skipped ({cfgs[stage].output_dir}/final)")
+            continue
+        print(f"[pipeline] {stage}: starting", flush=True)
+        t0 = time.time()
+        rc = launch_stage(stage, str(resolved), [], args)
+        timings[stage] = timings.get(stage, 0.0) + time.time() - t0  # a resumed stage adds up its runs
+        timings_path.write_text(json.dumps(timings, indent=1))
+        if rc != 0:
+            print(f"[pipeline] {stage} failed (exit {rc}); re-run the same command to resume it")
+            return rc
+    if all((Path(cfg.output_dir) / "final").is_dir() for cfg in cfgs.values()):
+        from rlhf.report import write_report
+
+        write_report(root_dir, cfgs, timings)
+    return 0
