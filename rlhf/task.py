@@ -238,26 +238,18 @@ def write_task_data(out_dir: str | Path, cfg: TaskConfig) -> dict[str, Path]:
     return files
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}" + EOS +
-    "{% else %}" + USER + "{{ m['content'] }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
-)
-
-
 def build_tokenizer(out_dir: str | Path, cfg: TaskConfig):
     """Train a byte-level BPE tokenizer on the task's words, offline; save it in HF format.
 
-    Pad and EOS are different tokens. Returns the `PreTrainedTokenizerFast`.
+    Pad and EOS are different tokens. No chat template: the task's prompts are plain
+    text. Returns the `PreTrainedTokenizerFast`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     out = Path(out_dir)
     stamp = out / "task_tokenizer.json"
-    key = json.dumps({"vocab_size": cfg.vocab_size, "seed": cfg.seed, "template": CHAT_TEMPLATE})
+    key = json.dumps({"vocab_size": cfg.vocab_size, "seed": cfg.seed, "v": 2})
     if stamp.exists() and stamp.read_text() == key:
         return AutoTokenizer.from_pretrained(out)
     rng = random.Random(cfg.seed)
@@ -270,9 +262,9 @@ def build_tokenizer(out_dir: str | Path, cfg: TaskConfig):
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=[EOS, PAD, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
+    # <|user|> and <|assistant|> are there so that chat data can use this vocabulary.
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=[USER, ASSISTANT])
-    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     stamp.write_text(key)
     return fast

@@ -65,12 +65,23 @@ def tokenizer_dir(task_dir) -> Path:
     return task_dir / "tokenizer"
 
 
+# A chat template over the task tokenizer's <|user|> / <|assistant|> tokens, for chat-format tests.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|endoftext|>"
+    "{% else %}<|user|>{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
+    """The task tokenizer, with CHAT_TEMPLATE set (as `tokenizer.chat_template` would)."""
     from rlhf.config import TokenizerConfig
     from rlhf.models import load_tokenizer
 
-    return load_tokenizer(TokenizerConfig(path=str(tokenizer_dir)))
+    return load_tokenizer(TokenizerConfig(path=str(tokenizer_dir), chat_template=CHAT_TEMPLATE))
 
 
 @pytest.fixture(scope="session")

@@ -42,14 +42,19 @@ def train_losses(run_dir):
 def two_rank_runs(tmp_path_factory, tokenizer_dir):
     tmp = tmp_path_factory.mktemp("dist")
     train, ev, extra = common(tmp, tokenizer_dir)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "dist_sft.py"), str(tmp / "two"), str(tokenizer_dir), str(train), str(ev),
-           ",".join(STAGES), *extra]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    # Check the marker, not only the exit code: a rare exit -6 at gloo teardown was seen
-    # after runs that had finished.
-    assert "DIST_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("sft", tmp / "two", STAGES, [f"tokenizer.path={tokenizer_dir}", f"data.path={train}",
+                                               f"data.eval.path={ev}", *extra])
     return tmp, train, ev, extra
+
+
+def run_two_ranks(stage, out, zero_stages, overrides):
+    """Run `stage` on 2 CPU ranks once per ZeRO stage (tests/dist_run.py)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "dist_run.py"), stage, str(out), ",".join(zero_stages), *overrides]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    # Check the marker, not only the exit code (see dist_run.py).
+    assert "DIST_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.mark.parametrize("stage", STAGES)
