@@ -328,6 +328,10 @@ class BaseStageConfig:
 
     stage = ""  # class attribute: which stage this config is for
 
+    def primary_model(self) -> ModelConfig:
+        """The model whose directory holds the tokenizer when tokenizer.path is unset."""
+        return self.model
+
     def validate(self, v: Validator) -> None:
         v.sub("tokenizer", self.tokenizer)
         v.sub("train", self.train)
@@ -550,6 +554,9 @@ class PPOConfig(BaseStageConfig):
         for role in ("reward", "ref_policy"):
             v.check(getattr(self, role).model.lora.r == 0, f"{role}.model.lora.r", "frozen models take no LoRA")
         v.check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
+
+    def primary_model(self) -> ModelConfig:
+        return self.policy.model
 
     def role_deepspeed(self, role: str) -> DeepSpeedConfig:
         return getattr(self, role).deepspeed or self.deepspeed

@@ -17,7 +17,7 @@ def held_out_prompts(ppo_cfg) -> list[str]:
     from rlhf.models import load_tokenizer
 
     train, ev = load_rows(ppo_cfg.data, 2)
-    tok = load_tokenizer(ppo_cfg.tokenizer, ppo_cfg.policy.model)
+    tok = load_tokenizer(ppo_cfg.tokenizer, ppo_cfg.primary_model())
     examples, _ = tokenize_prompts(ev or train, tok, ppo_cfg.data)
     return [e["prompt"] for e in examples]
 

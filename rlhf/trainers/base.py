@@ -72,7 +72,7 @@ class Trainer:
             from rlhf.task import materialize
 
             bb.main_first(lambda: materialize(cfg.task), local=False)
-        self.tokenizer = load_tokenizer(cfg.tokenizer, getattr(cfg, "model", None))
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.primary_model())
         self.data = bb.main_first(lambda: build_stage_data(self.stage, cfg.data, self.tokenizer))
         bb.print(f"[{self.stage}] data: {self.data.summary}")
         self.accumulation = cfg.train.accumulation_steps(bb.world_size)
