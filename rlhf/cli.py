@@ -232,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result here")
-    args = parser.parse_args(argv)
+    # `key=value` overrides may stand anywhere, also after launcher flags.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    takes_overrides = bool(argv) and argv[0] in (*STAGES, "pipeline")
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")] if takes_overrides else []
+    args = parser.parse_args([a for a in argv if a not in overrides or a == argv[0]])
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
     try:
         if args.command in STAGES:
             return launch_stage(args.command, args.config, args.overrides, args)
