@@ -90,7 +90,10 @@ def launcher_command(stage: str, args: argparse.Namespace, overrides: list[str],
         cmd += ["--num_nodes", str(args.num_nodes)]
     if args.master_addr:
         cmd += ["--master_addr", args.master_addr]
-    cmd += ["--master_port", str(args.master_port or _free_port())]
+    # Several nodes must agree on the port: DeepSpeed's default unless given. One node
+    # takes a free port, so that two jobs on one machine do not collide.
+    multi_node = bool(args.hostfile or args.no_ssh)
+    cmd += ["--master_port", str(args.master_port or (29500 if multi_node else _free_port()))]
     if args.no_ssh:
         if args.node_rank is None:
             raise ConfigError("--no-ssh needs --node-rank (and --master-addr for more than one node)")

@@ -868,6 +868,8 @@ def validate(cfg: BaseStageConfig, where: dict[str, str] | None = None, world_si
 def check_batch_sizes(cfg: BaseStageConfig, world_size: int, where: dict[str, str] | None = None) -> None:
     try:
         cfg.train.accumulation_steps(world_size)
+        if isinstance(cfg, PPOConfig):
+            exact_div(cfg.rollout.batch_size, world_size, "rollout.batch_size", "ranks")
     except ConfigError as e:
         raise ConfigError(f"{_locate(where or {}, 'train.global_batch_size')}{e} "
                           f"(ranks = {world_size})") from None
