@@ -221,8 +221,9 @@ class Backbone:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-        if self.device.type == "cuda":
-            kwargs["fused"] = True
+        # One kernel for all parameters: fused on CUDA, foreach (multi-tensor) elsewhere;
+        # torch's CPU default is a Python loop over parameters.
+        kwargs["fused" if self.device.type == "cuda" else "foreach"] = True
         return torch.optim.AdamW(groups, **kwargs)
 
     def wrap(

@@ -111,9 +111,12 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Log-probabilities `(B, R)` of the response tokens under a causal LM (and their
     entropy `(B, R)` when asked). Logits are divided by the sampling temperature so
     that they describe the distribution the tokens were drawn from."""
+    # Only the positions that predict response tokens go through the LM head.
+    response_width = input_ids.shape[1] - prompt_width
     out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = out.logits[:, prompt_width - 1:-1].float()
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                logits_to_keep=response_width + 1)
+    logits = out.logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = logprobs_from_logits(logits, input_ids[:, prompt_width:])

@@ -35,17 +35,26 @@ class SFTTrainer(Trainer):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_sft(examples, self.tokenizer.pad_token_id)
 
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Logits of the positions that predict a target token, and the first such position.
+
+        Positions before the batch's first target predict nothing we train on, so the LM
+        head skips them (`logits_to_keep`): on SFT data, where prompts are a large share,
+        this saves head compute and the memory of their (T x vocabulary) logits.
+        """
         dev = self.backbone.device
+        start = first_target(batch["loss_mask"]) - 1
         out = self.policy(input_ids=batch["input_ids"].to(dev),
                           attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(dev),
-                          position_ids=batch["position_ids"].to(dev), use_cache=False)
-        return out.logits
+                          position_ids=batch["position_ids"].to(dev), use_cache=False,
+                          logits_to_keep=batch["input_ids"].shape[1] - start)
+        return out.logits, start
 
-    def compute_loss(self, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor], normalizer: float | None) -> torch.Tensor:
         """Summed response-token NLL of this micro-batch divided by `normalizer`."""
-        logits = self.forward_logits(batch)
-        return lm_loss(logits, batch["input_ids"].to(logits.device), batch["loss_mask"].to(logits.device),
+        logits, start = self.forward_logits(batch)
+        dev = logits.device
+        return lm_loss(logits, batch["input_ids"][:, start:].to(dev), batch["loss_mask"][:, start:].to(dev),
                        normalizer)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -83,9 +92,7 @@ class SFTTrainer(Trainer):
         nll, count = 0.0, 0
         for idx in self.eval_index_batches(len(self.data.eval)):
             batch = self.collate([self.data.eval[i] for i in idx])
-            logits = self.forward_logits(batch)
-            nll += lm_loss(logits, batch["input_ids"].to(logits.device), batch["loss_mask"].to(logits.device),
-                           1.0).item()
+            nll += self.compute_loss(batch, 1.0).item()
             count += int(batch["loss_mask"][:, 1:].sum())
         self.policy.train()
         loss = self.mean_over_ranks(nll, count)
@@ -95,6 +102,12 @@ class SFTTrainer(Trainer):
         state = self.backbone.full_state_dict(self.policy.module)
         if self.backbone.is_main:
             save_pretrained(self.policy.module, state, self.tokenizer, out_dir)
+
+
+def first_target(loss_mask: torch.Tensor) -> int:
+    """The first position (>= 1) at which any row of the batch has a target token."""
+    has = loss_mask[:, 1:].bool().any(dim=0)
+    return int(has.nonzero()[0]) + 1 if has.any() else loss_mask.shape[1] - 1
 
 
 def check_packing_supported(model_type: str | None, cfg: SFTConfig) -> None:

@@ -1,0 +1,155 @@
+"""SFT: rlhf's SFTTrainer against TRL's SFTTrainer, side by side.
+
+Same random-init model directory, tokenizer, data (the built-in task's demonstrations,
+prompt/completion with the loss on the completion only), batch size, steps, learning
+rate schedule, AdamW settings, fp32 and no packing. Each framework runs in its own
+child process, alternately, `--repeats` times; medians are reported.
+
+Measured: real (non-padding) training tokens per second, over the training loop only
+(not model loading or tokenization); the child's peak RSS; and the final held-out loss
+on the same rows, computed by one function for both (mean NLL of response tokens).
+
+    python benchmarks/bench_sft.py --out benchmarks/results/sft_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from common import compare, emit, model_arch, parent_args, prepare, save, table
+
+
+def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length: int, device: str) -> float:
+    """Mean NLL of the response tokens (EOS included) of the eval rows under the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import DataConfig, TokenizerConfig
+    from rlhf.data.batching import collate_sft
+    from rlhf.data.formats import tokenize_sft
+    from rlhf.data.sources import read_source
+    from rlhf.config import SourceConfig
+    from rlhf.losses import lm_loss
+    from rlhf.models import load_tokenizer
+
+    tok = load_tokenizer(TokenizerConfig(path=tokenizer_dir))
+    examples, _ = tokenize_sft(read_source(SourceConfig(path=eval_file)), tok, DataConfig(max_length=max_length))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 64):
+            b = collate_sft(examples[i:i + 64], tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            total += lm_loss(logits, b["input_ids"].to(device), b["loss_mask"].to(device), 1.0).item()
+            count += int(b["loss_mask"][:, 1:].sum())
+    return total / count
+
+
+def child_ours(spec: dict) -> None:
+    from rlhf.config import SFTConfig, load_stage_config
+    from rlhf.trainers.sft import SFTTrainer
+
+    out = Path(spec["work"]) / f"ours-{time.time_ns()}"
+    cfg = load_stage_config(SFTConfig, None, [
+        f"output_dir={out}", f"model.path={spec['model']}", f"tokenizer.path={spec['tokenizer']}",
+        f"data.path={spec['sft_train']}", f"data.max_length={spec['max_length']}",
+        f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['batch']}",
+        f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
+        "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
+        "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
+        f"deepspeed.precision={spec['precision']}", f"seed={spec['seed']}"])
+    trainer = SFTTrainer(cfg)
+    trainer.setup()
+    trainer.resume()
+    tokens = sum(len(trainer.data.train[i]["input_ids"]) for s in range(trainer.total_steps)
+                 for mb in trainer.sampler.step(s) for i in mb)
+    sync(spec)
+    t0 = time.perf_counter()
+    trainer.train()
+    sync(spec)
+    dt = time.perf_counter() - t0
+    trainer.export(out / "final")
+    emit({"tokens_per_s": tokens / dt, "train_s": dt, "tokens": tokens, "steps": trainer.total_steps,
+          "eval_loss": heldout_loss(str(out / "final"), spec["tokenizer"], spec["sft_eval"], spec["max_length"],
+                                    spec["device"])})
+
+
+def child_trl(spec: dict) -> None:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    out = Path(spec["work"]) / f"trl-{time.time_ns()}"
+    ds = load_dataset("json", data_files=spec["sft_train"], split="train").rename_column("response", "completion")
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    bf16 = spec["precision"] == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+        num_train_epochs=spec["epochs"], learning_rate=spec["lr"], lr_scheduler_type="linear",
+        warmup_steps=spec["warmup"], weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+        max_grad_norm=1.0, max_length=spec["max_length"], packing=False, completion_only_loss=True,
+        logging_steps=spec["log_every"], save_strategy="no", eval_strategy="no", report_to=[],
+        use_cpu=spec["device"] == "cpu", bf16=bf16, seed=spec["seed"], dataloader_drop_last=True,
+        disable_tqdm=True)
+    timer = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            sync(spec)
+            timer["t0"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            sync(spec)
+            timer["dt"] = time.perf_counter() - timer["t0"]
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    per_epoch = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    steps_per_epoch = len(trainer.train_dataset) // spec["batch"]
+    tokens = per_epoch * steps_per_epoch * spec["batch"] / len(trainer.train_dataset) * spec["epochs"]
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    emit({"tokens_per_s": tokens / timer["dt"], "train_s": timer["dt"], "tokens": tokens,
+          "steps": steps_per_epoch * spec["epochs"],
+          "eval_loss": heldout_loss(str(out / "final"), spec["tokenizer"], spec["sft_eval"], spec["max_length"],
+                                    spec["device"])})
+
+
+def sync(spec: dict) -> None:
+    if spec["device"] != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = parent_args(__doc__)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = p.parse_args()
+    if args.child:
+        spec = json.loads(args.spec)
+        (child_ours if args.child == "ours" else child_trl)(spec)
+        return
+    import torch
+
+    work = Path(args.work) / f"sft-h{args.hidden}-l{args.layers}"
+    spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
+                warmup=10, log_every=50, seed=42, precision=args.precision,
+                device="cuda" if torch.cuda.is_available() else "cpu")
+    keys = ["tokens_per_s", "train_s", "eval_loss"]
+    result = compare(__file__, spec, args.repeats, keys)
+    result["table"] = table(result, keys, "tokens_per_s")
+    print(result["table"])
+    save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""What the side-by-side benchmarks share: the task data and tokenizer, one model directory
+both frameworks load, running each framework in a child process (so that its peak memory
+is its own), and the median of repeated runs.
+
+Each benchmark script is both the parent (`python benchmarks/bench_X.py`) and the child
+(`--child ours|trl --spec JSON`): the child prints one line `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def model_arch(hidden: int, layers: int, heads: int, max_positions: int = 256) -> dict:
+    """A Llama-style architecture (the quickstart's family) of the given size."""
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": max_positions, "tie_word_embeddings": True}
+
+
+def prepare(work: Path, arch: dict, seed: int = 0, num_sft: int = 4000, num_pairs: int = 4000,
+            num_prompts: int = 2000) -> dict[str, str]:
+    """Task files, tokenizer, and a random-init causal LM (and a scalar-head model made
+    from it) saved once, so that both frameworks start from identical weights."""
+    import torch
+
+    from rlhf.config import ModelConfig, TokenizerConfig
+    from rlhf.models import load_causal_lm, load_scalar_model, load_tokenizer
+    from rlhf.task import TaskConfig, build_tokenizer, write_task_data
+
+    work.mkdir(parents=True, exist_ok=True)
+    task = TaskConfig(seed=seed, num_sft=num_sft, num_pairs=num_pairs, num_prompts=num_prompts)
+    files = write_task_data(work / "task", task)
+    build_tokenizer(work / "task" / "tokenizer", task)
+    tok = load_tokenizer(TokenizerConfig(path=str(work / "task" / "tokenizer")))
+    model_dir, rm_dir = work / "model", work / "rm_model"
+    if not (model_dir / "config.json").exists():
+        torch.manual_seed(seed)
+        model = load_causal_lm(ModelConfig(arch=arch, dropout=0.0), tok)
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    if not (rm_dir / "config.json").exists():
+        torch.manual_seed(seed + 1)
+        rm = load_scalar_model(ModelConfig(path=str(model_dir), dropout=0.0), tok)
+        rm.save_pretrained(rm_dir)
+        tok.save_pretrained(rm_dir)
+    out = {k: str(v) for k, v in files.items()}
+    out.update(model=str(model_dir), rm_model=str(rm_dir), tokenizer=str(work / "task" / "tokenizer"))
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def emit(result: dict) -> None:
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(script: str, who: str, spec: dict) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, script, "--child", who, "--spec", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{who} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def compare(script: str, spec: dict, repeats: int, keys: list[str]) -> dict:
+    """Run ours and TRL alternately `repeats` times; medians of `keys` per framework."""
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for i in range(repeats):
+        for who in ("ours", "trl") if i % 2 == 0 else ("trl", "ours"):
+            r = run_child(script, who, spec)
+            runs[who].append(r)
+            print(f"  run {i + 1} {who}: " + ", ".join(f"{k}={r[k]:.4g}" for k in keys if k in r), flush=True)
+    med = {who: {k: statistics.median(r[k] for r in rs) for k in keys + ["peak_rss_mb"] if k in rs[0]}
+           for who, rs in runs.items()}
+    return {"median": med, "runs": runs, "spec": spec}
+
+
+def table(result: dict, keys: list[str], ratio_key: str) -> str:
+    med = result["median"]
+    lines = ["| metric | ours | TRL | ours / TRL |", "|---|---|---|---|"]
+    for k in keys + ["peak_rss_mb"]:
+        a, b = med["ours"].get(k), med["trl"].get(k)
+        if a is None or b is None:
+            continue
+        lines.append(f"| {k} | {a:.4g} | {b:.4g} | {a / b:.2f}x |" if b else f"| {k} | {a:.4g} | {b:.4g} | |")
+    return "\n".join(lines)
+
+
+def parent_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--child", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", default="/tmp/rlhf-bench", help="scratch directory (data, models, runs)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per framework (median reported)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    return p
+
+
+def save(result: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
