@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 
 
@@ -68,14 +69,15 @@ def eval_batches(num_samples: int, batch_size: int, world_size: int, rank: int) 
 
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Stack int lists into `(B, max_len)`, padding each row on `side` with `value`."""
     width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    out = np.full((len(seqs), width), value, dtype=np.int64)  # numpy fills rows without a tensor per row
     for i, s in enumerate(seqs):
         if side == "right":
-            out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            out[i, :len(s)] = s
         else:
-            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-    return out
+            out[i, width - len(s):] = s
+    return torch.from_numpy(out)
 
 
 def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -307,7 +307,8 @@ class PPOTrainer(Trainer):
             mask = mb.action_mask.float()
             P = mb.prompt_ids.shape[1]
             logprobs, entropy = response_logprobs(self.policy, input_ids, attention_mask, P,
-                                                  cfg.rollout.temperature, with_entropy=True)
+                                                  cfg.rollout.temperature, with_entropy=True,
+                                                  entropy_grad=cfg.ppo.entropy_coef > 0)
             pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, cfg.ppo.clip_range,
                                             normalizer)
             ent = masked_sum(entropy, mask) / normalizer

@@ -1,0 +1,149 @@
+"""Reward model: rlhf's RewardTrainer against TRL's RewardTrainer, side by side.
+
+Same starting model (a random-init Llama-style directory loaded as
+AutoModelForSequenceClassification with num_labels=1), tokenizer, preference pairs (the
+built-in task's, explicit prompt), batch size, steps, schedule, AdamW settings, fp32.
+Both append EOS to each response and score the last token; with this tokenizer TRL's
+tokenization of prompt + response + EOS as one string gives the same ids as ours.
+Each framework runs in its own child process, alternately; medians are reported.
+
+Measured: pairs per second over the training loop only, the child's peak RSS, and the
+held-out accuracy of the trained model on the same pairs, by one function for both.
+
+    python benchmarks/bench_rm.py --out benchmarks/results/rm_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from common import compare, emit, model_arch, parent_args, prepare, save, table
+
+
+def heldout_accuracy(model_dir: str, tokenizer_dir: str, pairs_file: str, max_length: int, device: str) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.config import DataConfig, SourceConfig, TokenizerConfig
+    from rlhf.data.batching import collate_pairs
+    from rlhf.data.formats import tokenize_pairs
+    from rlhf.data.sources import read_source
+    from rlhf.models import ScalarModel, load_tokenizer, sequence_scores
+
+    tok = load_tokenizer(TokenizerConfig(path=tokenizer_dir))
+    pairs, _ = tokenize_pairs(read_source(SourceConfig(path=pairs_file)), tok, DataConfig(max_length=max_length))
+    model = ScalarModel(AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32))
+    model = model.to(device).eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(pairs), 64):
+            b = collate_pairs(pairs[i:i + 64], tok.pad_token_id)
+            s = sequence_scores(model, b["input_ids"].to(device), b["attention_mask"].to(device))
+            half = s.shape[0] // 2
+            correct += int((s[:half] > s[half:]).sum())
+    return correct / len(pairs)
+
+
+def sync(spec: dict) -> None:
+    if spec["device"] != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def child_ours(spec: dict) -> None:
+    from rlhf.config import RMConfig, load_stage_config
+    from rlhf.trainers.reward import RewardTrainer
+
+    out = Path(spec["work"]) / f"ours-{time.time_ns()}"
+    cfg = load_stage_config(RMConfig, None, [
+        f"output_dir={out}", f"model.path={spec['rm_model']}", f"tokenizer.path={spec['tokenizer']}",
+        f"data.path={spec['pairs_train']}", f"data.max_length={spec['max_length']}",
+        f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['batch']}",
+        f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
+        "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
+        "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
+        f"deepspeed.precision={spec['precision']}", f"seed={spec['seed']}"])
+    trainer = RewardTrainer(cfg)
+    trainer.setup()
+    trainer.resume()
+    pairs = trainer.total_steps * spec["batch"]
+    sync(spec)
+    t0 = time.perf_counter()
+    trainer.train()
+    sync(spec)
+    dt = time.perf_counter() - t0
+    trainer.export(out / "final")
+    emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs,
+          "accuracy": heldout_accuracy(str(out / "final"), spec["tokenizer"], spec["pairs_eval"],
+                                       spec["max_length"], spec["device"])})
+
+
+def child_trl(spec: dict) -> None:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    out = Path(spec["work"]) / f"trl-{time.time_ns()}"
+    ds = load_dataset("json", data_files=spec["pairs_train"], split="train")
+    ds = ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "chosen", "rejected")])
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForSequenceClassification.from_pretrained(spec["rm_model"], dtype=torch.float32, num_labels=1)
+    args = RewardConfig(
+        output_dir=str(out), per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+        num_train_epochs=spec["epochs"], learning_rate=spec["lr"], lr_scheduler_type="linear",
+        warmup_steps=spec["warmup"], weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+        max_grad_norm=1.0, max_length=spec["max_length"], logging_steps=spec["log_every"], save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16",
+        seed=spec["seed"], dataloader_drop_last=True, disable_tqdm=True, disable_dropout=True)
+    timer = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            sync(spec)
+            timer["t0"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            sync(spec)
+            timer["dt"] = time.perf_counter() - timer["t0"]
+
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    pairs = len(trainer.train_dataset) // spec["batch"] * spec["batch"] * spec["epochs"]
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    emit({"pairs_per_s": pairs / timer["dt"], "train_s": timer["dt"], "pairs": pairs,
+          "accuracy": heldout_accuracy(str(out / "final"), spec["tokenizer"], spec["pairs_eval"],
+                                       spec["max_length"], spec["device"])})
+
+
+def main() -> None:
+    p = parent_args(__doc__)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = p.parse_args()
+    if args.child:
+        spec = json.loads(args.spec)
+        (child_ours if args.child == "ours" else child_trl)(spec)
+        return
+    import torch
+
+    work = Path(args.work) / f"rm-h{args.hidden}-l{args.layers}"
+    spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
+                warmup=10, log_every=50, seed=42, precision=args.precision,
+                device="cuda" if torch.cuda.is_available() else "cpu")
+    keys = ["pairs_per_s", "train_s", "accuracy"]
+    result = compare(__file__, spec, args.repeats, keys)
+    result["table"] = table(result, keys, "pairs_per_s")
+    print(result["table"])
+    save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
