@@ -1,0 +1,309 @@
+"""One config per stage (SFT, reward model, PPO), built from the shared groups, and
+`load_stage_config`, which reads, overrides and validates one before any work starts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.config.groups import (CheckpointConfig, DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig,
+                                OptimConfig, TokenizerConfig, TrainConfig)
+from rlhf.config.loading import (ConfigError, Validator, _locate, exact_div, from_dict, load_yaml,
+                                 resolve_stage_dict)
+from rlhf.task import TaskConfig
+
+
+@dataclass
+class BaseStageConfig:
+    """What every stage has: where it writes, its seed, data, tokenizer, DeepSpeed and
+    checkpointing. Stage configs add their models and hyperparameters."""
+
+    output_dir: str = "runs/default"
+    """Everything the stage writes goes here: final/, checkpoints/, metrics.jsonl, config.yaml."""
+    seed: int = 42
+    """Seed for model init, dropout, shuffling and sampling."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    task: TaskConfig | None = None
+    """The built-in synthetic task: when set, its data and tokenizer are generated
+    into task.dir (once) before the stage starts. See rlhf/task.py."""
+
+    stage = ""  # class attribute: which stage this config is for
+
+    def primary_model(self) -> ModelConfig:
+        """The model whose directory holds the tokenizer when tokenizer.path is unset."""
+        return self.model
+
+    def validate(self, v: Validator) -> None:
+        v.sub("tokenizer", self.tokenizer)
+        v.sub("train", self.train)
+        v.sub("deepspeed", self.deepspeed)
+        if not isinstance(self, PPOConfig):  # PPO checks each trained role instead
+            self.deepspeed.validate_trainable(Validator(v.where, v.key("deepspeed")))
+        v.sub("checkpoint", self.checkpoint)
+        # Data files may not exist yet when the built-in task will write them.
+        if self.task is None:
+            v.sub("data", self.data)
+        else:
+            v.sub("task", self.task)
+
+
+@dataclass
+class SFTConfig(BaseStageConfig):
+    """Supervised fine-tuning: next-token loss on the response tokens only."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    stage = "sft"
+
+    def validate(self, v: Validator) -> None:
+        super().validate(v)
+        v.sub("model", self.model)
+        v.sub("optim", self.optim)
+        v.check(self.data.truncation in ("right", "drop"), "data.truncation",
+                f"SFT supports right (cut the response) or drop, got {self.data.truncation}")
+
+
+@dataclass
+class RewardOptions:
+    centering_coef: float = 0.0
+    """Weight of the reward-centring term mean((r_chosen + r_rejected)^2), which keeps
+    scores near zero (Eisenstein et al. 2023); 0 turns it off. 0.01 is a common choice."""
+    use_margin: bool = True
+    """Subtract a row's `margin` field (when the data has one) inside the loss:
+    -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin loss)."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.centering_coef >= 0, "centering_coef", f"must be >= 0, got {self.centering_coef}")
+
+
+@dataclass
+class RMConfig(BaseStageConfig):
+    """Reward model: a scalar head on a causal-LM body, Bradley-Terry loss on ranked pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardOptions = field(default_factory=RewardOptions)
+    data: DataConfig = field(default_factory=lambda: DataConfig(truncation="left"))
+
+    stage = "rm"
+
+    def validate(self, v: Validator) -> None:
+        super().validate(v)
+        v.sub("model", self.model)
+        v.sub("optim", self.optim)
+        v.sub("reward", self.reward)
+        v.check(not self.data.packing, "data.packing", "packing is for SFT only")
+
+
+@dataclass
+class RoleConfig:
+    """One of PPO's four models: what to load and how to run it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Used by the trainable roles (policy, value) only."""
+    deepspeed: DeepSpeedConfig | None = None
+    """This model's ZeRO stage, precision and offload; None uses the stage's `deepspeed`."""
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64
+    """Prompts per PPO step, over all ranks (each gets one sampled response)."""
+    micro_batch_size: int | None = None
+    """Prompts per generate call on one rank; None generates the rank's share at once."""
+    max_new_tokens: int = 64
+    """Longest response; a response that reaches it without EOS has no EOS (see
+    ppo.missing_eos_penalty)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed before this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 samples the policy as it is, which PPO's math assumes)."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 turns it off."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        if self.micro_batch_size is not None:
+            v.check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
+        v.check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        v.check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+                f"must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        v.check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        v.check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        v.check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PtxConfig:
+    coef: float = 0.0
+    """Weight of the pretraining (language-model) loss mixed into each policy update
+    (InstructGPT's PPO-ptx); 0 turns it off."""
+    data: DataConfig | None = None
+    """SFT-format data for that loss (any SFT row format)."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.coef >= 0, "coef", f"must be >= 0, got {self.coef}")
+        v.check(self.coef == 0 or self.data is not None, "data", "ptx.coef > 0 needs ptx.data")
+        if self.data is not None:
+            v.sub("data", self.data)
+
+
+@dataclass
+class PPOHParams:
+    epochs: int = 1
+    """Passes over each rollout batch (PPO epochs)."""
+    clip_range: float = 0.2
+    """Policy ratio clipping epsilon (Schulman et al. 2017)."""
+    value_clip_range: float = 0.2
+    """Value clipping around the rollout's values."""
+    gamma: float = 1.0
+    """Discount over response tokens (1.0 as in InstructGPT and Ziegler et al.)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """Initial weight of the per-token KL penalty to the reference policy."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator in the reward: k1 = logp - logp_ref (Ziegler et al.), k3 is Schulman's
+    non-negative estimator."""
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    """`adaptive` moves kl_coef toward `kl_target` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL (nats per response) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (episodes) of the adaptive controller."""
+    clip_score: float | None = None
+    """Clip reward-model scores to [-clip_score, clip_score]."""
+    normalize_scores: bool = False
+    """Standardise scores over each rollout batch (all ranks) before use."""
+    whiten_advantages: bool = True
+    """Standardise advantages over each rollout batch's action tokens (all ranks)."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response that never emitted EOS (TRL's option)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight in the policy loss."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the policy weights (exported beside the
+    policy as final/ema); None turns it off. 0.992 is DeepSpeed-Chat's choice."""
+    disable_dropout: bool = True
+    """Turn off dropout in the policy and value models, so that the ratio new/old is
+    exactly 1 at the first minibatch (a PPO correctness check)."""
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        v.check(0 < self.clip_range < 1, "clip_range", f"must be in (0, 1), got {self.clip_range}")
+        v.check(self.value_clip_range > 0, "value_clip_range", f"must be > 0, got {self.value_clip_range}")
+        v.check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        v.check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        v.check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        v.check(self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
+        v.check(self.kl_horizon > 0, "kl_horizon", f"must be > 0, got {self.kl_horizon}")
+        if self.clip_score is not None:
+            v.check(self.clip_score > 0, "clip_score", f"must be > 0, got {self.clip_score}")
+        if self.ema_decay is not None:
+            v.check(0 < self.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        v.check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        v.sub("ptx", self.ptx)
+
+
+@dataclass
+class PPOConfig(BaseStageConfig):
+    """PPO: the policy (from SFT) against a frozen reward model, with a value model
+    (from the reward model) and a frozen reference policy for the KL penalty.
+
+    train.global_batch_size is the PPO minibatch (samples per optimizer step);
+    rollout.batch_size must be a multiple of it. train.epochs counts passes over the
+    prompts; train.max_steps counts PPO steps (rollout batches).
+    """
+
+    policy: RoleConfig = field(default_factory=RoleConfig)
+    value: RoleConfig = field(default_factory=RoleConfig)
+    """Initialised from the reward model by default (set model.path to it)."""
+    reward: RoleConfig = field(default_factory=RoleConfig)
+    ref_policy: RoleConfig = field(default_factory=RoleConfig)
+    """None of model.path/arch: a frozen copy of the policy's starting weights."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOHParams = field(default_factory=PPOHParams)
+    data: DataConfig = field(default_factory=lambda: DataConfig(truncation="drop", max_length=1024,
+                                                                max_prompt_length=512))
+    sample_every: int = 10
+    """Write a few (prompt, response, score) samples to samples.jsonl every N steps; 0 never."""
+
+    stage = "ppo"
+
+    def validate(self, v: Validator) -> None:
+        super().validate(v)
+        for role in ("policy", "value", "reward"):
+            v.sub(f"{role}.model", getattr(self, role).model)
+        if self.ref_policy.model.path is not None or self.ref_policy.model.arch is not None:
+            v.sub("ref_policy.model", self.ref_policy.model)
+        for role in ("policy", "value"):
+            v.sub(f"{role}.optim", getattr(self, role).optim)
+        for role in ("policy", "value", "reward", "ref_policy"):
+            ds = getattr(self, role).deepspeed
+            if ds is not None:
+                v.sub(f"{role}.deepspeed", ds)
+        for role in ("policy", "value"):
+            key = f"{role}.deepspeed" if getattr(self, role).deepspeed is not None else "deepspeed"
+            self.role_deepspeed(role).validate_trainable(Validator(v.where, v.key(key)))
+        v.sub("rollout", self.rollout)
+        v.sub("ppo", self.ppo)
+        v.check(self.data.truncation in ("left", "drop"), "data.truncation",
+                f"PPO prompts support left (keep the end) or drop, got {self.data.truncation}")
+        v.check(self.rollout.batch_size % self.train.global_batch_size == 0, "rollout.batch_size",
+                f"{self.rollout.batch_size} must be a multiple of train.global_batch_size "
+                f"({self.train.global_batch_size}, the PPO minibatch)")
+        for role in ("reward", "ref_policy"):
+            v.check(getattr(self, role).model.lora.r == 0, f"{role}.model.lora.r", "frozen models take no LoRA")
+        v.check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
+
+    def primary_model(self) -> ModelConfig:
+        return self.policy.model
+
+    def role_deepspeed(self, role: str) -> DeepSpeedConfig:
+        return getattr(self, role).deepspeed or self.deepspeed
+
+
+def load_stage_config(cls: type, path: str | os.PathLike | None, overrides: list[str] = (),
+                      world_size: int | None = None) -> BaseStageConfig:
+    """Load, override and validate the config of one stage.
+
+    Args:
+        cls: SFTConfig, RMConfig or PPOConfig.
+        path: YAML file (single- or multi-stage); None starts from the defaults.
+        overrides: `key.sub=value` strings, relative to the stage's section.
+        world_size: number of ranks, when known, to check that batch sizes divide.
+    """
+    data, where = load_yaml(path) if path is not None else ({}, {})
+    stage_dict, stage_where = resolve_stage_dict(data, where, cls.stage, overrides, str(path))
+    cfg = from_dict(cls, stage_dict, stage_where)
+    validate(cfg, stage_where, world_size)
+    return cfg
+
+
+def validate(cfg: BaseStageConfig, where: dict[str, str] | None = None, world_size: int | None = None) -> None:
+    cfg.validate(Validator(where or {}))
+    if world_size is not None:
+        check_batch_sizes(cfg, world_size, where or {})
+
+
+def check_batch_sizes(cfg: BaseStageConfig, world_size: int, where: dict[str, str] | None = None) -> None:
+    try:
+        cfg.train.accumulation_steps(world_size)
+        if isinstance(cfg, PPOConfig):
+            exact_div(cfg.rollout.batch_size, world_size, "rollout.batch_size", "ranks")
+    except ConfigError as e:
+        raise ConfigError(f"{_locate(where or {}, 'train.global_batch_size')}{e} "
+                          f"(ranks = {world_size})") from None
+
+
