@@ -66,8 +66,9 @@ def deepspeed_config(
     }
     if trainable and max_grad_norm > 0:
         cfg["gradient_clipping"] = max_grad_norm
-    if ds.precision == "bf16" and stage == 0 and trainable:
-        # Keep fp32 master weights and gradient accumulation (DeepSpeed's BF16 optimizer).
+    if trainable and ds.precision == "bf16" and stage == 1:
+        # Accumulate gradients in fp32 (DeepSpeed's BF16 optimizer): bf16 gradient
+        # accumulation loses the small updates that fp32 training keeps.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return _deep_update(cfg, ds.extra)
 

@@ -61,6 +61,10 @@ def test_invalid_value_names_key_and_source(tmp_path, data_file):
         load_stage_config(SFTConfig, cfg_path, ["train.micro_batch_size=two"])
     with pytest.raises(ConfigError, match=r"deepspeed.precision: expected one of"):
         load_stage_config(SFTConfig, cfg_path, ["deepspeed.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage: bf16 training needs zero_stage >= 1"):
+        load_stage_config(SFTConfig, cfg_path, ["deepspeed.precision=bf16", "deepspeed.zero_stage=0"])
+    cfg_path = write(tmp_path, SINGLE.format(out=tmp_path / "o", data=data_file))
+    load_stage_config(SFTConfig, cfg_path, ["deepspeed.precision=bf16", "deepspeed.zero_stage=1"])
 
 
 def test_missing_data_file_is_named(tmp_path):
