@@ -2,22 +2,26 @@
 
 It lets the quickstart prove that RLHF works, with no download, on a laptop CPU:
 
-    prompt:   Describe the apple, the river and the stone.\\n
-    response: the apple is lovely, the river is calm and the stone is awful.
+    prompt:   Describe the apple, the river and the stone.\n
+    response: lovely, calm and awful.
 
-Each adjective has a gold value in [-1, 1] (a few share the top value 1.0). The
-gold reward of a response is the mean over the prompt's nouns of the value of the
-adjective that first describes it (-1 for a noun never described), minus 0.5 for
-every other clause (a noun not in the prompt, a repeated noun, an unknown
-adjective, or a fragment that is not `the NOUN is ADJ`).
+The response gives one adjective per noun of the prompt, in order. Each adjective has
+a gold value in [-1, 1] (a few share the top value 1.0). The gold reward of a
+response is the mean over the prompt's nouns of the value of the adjective in its
+position (-1 for a noun left without one), minus 0.5 for every other item (an
+adjective too many, or a word that is not an adjective).
 
-- SFT demonstrations describe each noun with a uniformly random adjective: the SFT
-  policy writes well-formed answers of middling gold reward (about 0).
-- Preference pairs come from the same distribution plus corruptions (a dropped
-  noun, a foreign noun, a repeated clause), ranked by gold reward, optionally with
-  label noise. The reward model never sees a gold value, only the ranking.
+- SFT demonstrations pick adjectives uniformly at random: the SFT policy writes
+  well-formed answers of middling gold reward (about 0).
+- Preference pairs come from the same distribution plus corruptions (an adjective
+  dropped, one too many, a repeat, a non-adjective), ranked by gold reward,
+  optionally with label noise. The reward model never sees a gold value.
 - PPO can raise the gold reward to 1.0 by choosing the best adjectives; the gold
   reward is never shown to the policy except through the reward model.
+
+(An earlier version had the answer restate each noun, "the apple is lovely": its tiny
+reward models could not learn to check the nouns, and PPO learned to describe other
+nouns than the ones asked for. Answers by position leave no such loophole.)
 
 Eval prompts use noun sets that no training prompt uses.
 """
@@ -41,10 +45,9 @@ ADJECTIVES = {
     "broken": -0.8, "awful": -1.0, "terrible": -1.0,
 }
 
-MISSING = -1.0  # value of a prompt noun the response never describes
-EXTRA = -0.5  # cost of any other clause
+MISSING = -1.0  # value of a prompt noun the response gives no adjective
+EXTRA = -0.5  # cost of any other item
 EOS, PAD, USER, ASSISTANT = "<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>"
-_CLAUSE = re.compile(r"^the ([a-z]+) is ([a-z]+)$")
 _SPLIT = re.compile(r", | and ")
 
 
@@ -71,7 +74,7 @@ class TaskConfig:
     min_gap: float = 0.25
     """Pairs whose gold rewards differ by less than this are not kept (a labeller could not tell)."""
     corruption: float = 0.3
-    """Probability that a pair response is corrupted (a noun dropped, a foreign noun, a repeat)."""
+    """Probability that a pair response is corrupted (an adjective dropped, added, repeated, or a noun)."""
     vocab_size: int = 512
     """Tokenizer vocabulary (byte-level BPE): large enough that every task word is one token."""
 
@@ -92,9 +95,8 @@ def make_prompt(nouns: list[str]) -> str:
     return f"Describe {listed}.\n"
 
 
-def make_response(clauses: list[tuple[str, str]]) -> str:
-    parts = [f"the {n} is {a}" for n, a in clauses]
-    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def make_response(adjectives: list[str]) -> str:
+    body = adjectives[0] if len(adjectives) == 1 else ", ".join(adjectives[:-1]) + " and " + adjectives[-1]
     return body + "."
 
 
@@ -105,29 +107,30 @@ def prompt_nouns(prompt: str) -> list[str]:
 def gold_reward(prompt: str, response: str) -> float:
     """The task's true reward of `response` to `prompt`; total on any text, never raises.
 
-    Returns the mean over prompt nouns of their adjective's value (MISSING if never
-    described), with EXTRA added for each clause that does not describe a new prompt
-    noun with a known adjective. An empty response scores MISSING.
+    Returns the mean over prompt nouns of the value of the adjective in the noun's
+    position (MISSING where there is none or the item is not an adjective), with EXTRA
+    added for each item beyond the nouns, each item that is not an adjective, and
+    anything after the first full stop. An empty response scores MISSING.
     """
     nouns = prompt_nouns(prompt)
     if not nouns:
         return 0.0
-    described: dict[str, float] = {}
     text, _, rest = response.strip().partition(".")  # the answer ends at its first full stop
-    extra = 1 if rest.strip() else 0  # anything after it is one more bad clause
-    for clause in _SPLIT.split(text) if text else []:
-        m = _CLAUSE.match(clause.strip())
-        if m and m.group(1) in nouns and m.group(1) not in described and m.group(2) in ADJECTIVES:
-            described[m.group(1)] = ADJECTIVES[m.group(2)]
-        else:
-            extra += 1
-    total = sum(described.get(n, MISSING) for n in nouns) + EXTRA * extra
+    items = [x.strip() for x in _SPLIT.split(text)] if text.strip() else []
+    total = EXTRA if rest.strip() else 0.0
+    for i in range(max(len(nouns), len(items))):
+        item = items[i] if i < len(items) else None
+        known = item in ADJECTIVES
+        if i < len(nouns):
+            total += ADJECTIVES[item] if known else MISSING
+        if item is not None and (i >= len(nouns) or not known):
+            total += EXTRA
     return total / len(nouns)
 
 
 def best_response(prompt: str) -> str:
     """A response with the highest gold reward (1.0)."""
-    return make_response([(n, "lovely") for n in prompt_nouns(prompt)])
+    return make_response(["lovely"] * len(prompt_nouns(prompt)))
 
 
 def win_rate(gold_a: list[float], gold_b: list[float]) -> float:
@@ -153,30 +156,31 @@ def sample_nouns(rng: random.Random, held_out: bool) -> list[str]:
             return nouns
 
 
-def sample_clauses(rng: random.Random, nouns: list[str]) -> list[tuple[str, str]]:
-    adjs = list(ADJECTIVES)
-    return [(n, rng.choice(adjs)) for n in nouns]
+def sample_adjectives(rng: random.Random, nouns: list[str]) -> list[str]:
+    return [rng.choice(list(ADJECTIVES)) for _ in nouns]
 
 
-def corrupt(rng: random.Random, clauses: list[tuple[str, str]], nouns: list[str]) -> list[tuple[str, str]]:
-    """One of: drop a clause, add a foreign noun, repeat a clause."""
-    clauses = list(clauses)
-    kind = rng.choice(("drop", "foreign", "repeat"))
-    if kind == "drop" and len(clauses) > 1:
-        clauses.pop(rng.randrange(len(clauses)))
-    elif kind == "foreign":
-        foreign = rng.choice([n for n in NOUNS if n not in nouns])
-        clauses.insert(rng.randrange(len(clauses) + 1), (foreign, rng.choice(list(ADJECTIVES))))
+def corrupt(rng: random.Random, adjectives: list[str]) -> list[str]:
+    """One of: drop an adjective, add one too many, repeat the last, put a noun in place
+    of an adjective. The reward model must learn that these cost, or PPO would find them."""
+    adjectives = list(adjectives)
+    kind = rng.choice(("drop", "extra", "repeat", "noun"))
+    if kind == "drop" and len(adjectives) > 1:
+        adjectives.pop(rng.randrange(len(adjectives)))
+    elif kind == "extra":
+        adjectives.insert(rng.randrange(len(adjectives) + 1), rng.choice(list(ADJECTIVES)))
+    elif kind == "noun":
+        adjectives[rng.randrange(len(adjectives))] = rng.choice(NOUNS)
     else:
-        clauses.append(rng.choice(clauses))
-    return clauses
+        adjectives.append(adjectives[-1])
+    return adjectives
 
 
 def make_sft_rows(n: int, rng: random.Random, held_out: bool = False) -> list[dict]:
     rows = []
     for _ in range(n):
         nouns = sample_nouns(rng, held_out)
-        rows.append({"prompt": make_prompt(nouns), "response": make_response(sample_clauses(rng, nouns))})
+        rows.append({"prompt": make_prompt(nouns), "response": make_response(sample_adjectives(rng, nouns))})
     return rows
 
 
@@ -189,10 +193,10 @@ def make_pair_rows(n: int, rng: random.Random, label_noise: float = 0.0, min_gap
         prompt = make_prompt(nouns)
         responses = []
         for _ in range(2):
-            clauses = sample_clauses(rng, nouns)
+            adjectives = sample_adjectives(rng, nouns)
             if rng.random() < corruption:
-                clauses = corrupt(rng, clauses, nouns)
-            responses.append(make_response(clauses))
+                adjectives = corrupt(rng, adjectives)
+            responses.append(make_response(adjectives))
         gold = [gold_reward(prompt, r) for r in responses]
         if abs(gold[0] - gold[1]) < max(min_gap, 1e-9):
             continue
@@ -249,12 +253,12 @@ def build_tokenizer(out_dir: str | Path, cfg: TaskConfig):
 
     out = Path(out_dir)
     stamp = out / "task_tokenizer.json"
-    key = json.dumps({"vocab_size": cfg.vocab_size, "seed": cfg.seed, "v": 2})
+    key = json.dumps({"vocab_size": cfg.vocab_size, "seed": cfg.seed, "v": 3})
     if stamp.exists() and stamp.read_text() == key:
         return AutoTokenizer.from_pretrained(out)
     rng = random.Random(cfg.seed)
     corpus = [make_prompt(sample_nouns(rng, rng.random() < 0.1)) + make_response(
-        sample_clauses(rng, NOUNS[:3])) for _ in range(2000)]
+        sample_adjectives(rng, NOUNS[:3])) for _ in range(2000)]
     corpus += [" ".join(NOUNS), " ".join(ADJECTIVES), "Describe the , and ."]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

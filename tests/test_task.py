@@ -13,22 +13,22 @@ P = "Describe the apple and the river.\n"
 
 @pytest.mark.parametrize("response,expected", [
     # (1.0 + 1.0) / 2
-    ("the apple is lovely and the river is wonderful.", 1.0),
+    ("lovely and wonderful.", 1.0),
     # (0.6 + -1.0) / 2
-    ("the apple is calm and the river is awful.", -0.2),
-    # order does not matter: (0.6 + 1.0) / 2
-    ("the river is lovely and the apple is calm.", 0.8),
-    # river never described: (1.0 + MISSING -1.0) / 2
-    ("the apple is lovely.", 0.0),
-    # foreign noun: (1.0 + 1.0 - 0.5) / 2
-    ("the apple is lovely, the stone is lovely and the river is lovely.", 0.75),
-    # repeated clause: (1.0 + 1.0 - 0.5) / 2
-    ("the apple is lovely, the river is lovely and the apple is lovely.", 0.75),
-    # unknown adjective "purple": apple undescribed and one extra clause: (-1 + 1 - 0.5) / 2
-    ("the apple is purple and the river is lovely.", -0.25),
-    # trailing junk is one more clause: (1 + 1 - 0.5) / 2
-    ("the apple is lovely and the river is lovely. banana", 0.75),
-    # garbage: one unparseable clause, both nouns missing: (-1 - 1 - 0.5) / 2
+    ("calm and awful.", -0.2),
+    # order matters: the first adjective is the apple's
+    ("awful and calm.", -0.2),
+    # river left without an adjective: (1.0 + MISSING -1.0) / 2
+    ("lovely.", 0.0),
+    # one adjective too many: (1.0 + 1.0 - 0.5) / 2
+    ("lovely, lovely and lovely.", 0.75),
+    # a noun in the apple's place: MISSING and EXTRA for it: (-1 - 0.5 + 1) / 2
+    ("apple and lovely.", -0.25),
+    # trailing junk after the full stop is one more item: (1 + 1 - 0.5) / 2
+    ("lovely and lovely. banana", 0.75),
+    # no full stop: still read
+    ("lovely and lovely", 1.0),
+    # garbage: one non-adjective item in the apple's place, river missing: (-1 - 0.5 - 1) / 2
     ("xq zz !!", -1.25),
     # empty: both missing
     ("", -1.0),
@@ -39,7 +39,7 @@ def test_gold_reward_hand_values(response, expected):
 
 def test_gold_reward_is_total_on_random_text():
     rng = random.Random(0)
-    alphabet = "the is and, . apple river lovely xyz\n<|>"
+    alphabet = "and, . apple river lovely xyz\n<|>"
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
         assert isinstance(gold_reward(P, text), float)
@@ -68,18 +68,20 @@ def test_pairs_are_ranked_by_gold_and_noise_swaps_them():
     swapped = sum(r["gold_chosen"] < r["gold_rejected"] for r in noisy) / len(noisy)
     assert swapped == pytest.approx(0.2, abs=0.03)
     # corruptions are in there, so the reward model learns that they cost
-    assert any(len(prompt_nouns(r["rejected"])) != len(prompt_nouns(r["prompt"])) for r in rows)
+    def items(text):
+        return len(text.rstrip(".").replace(" and ", ", ").split(", "))
+
+    assert any(items(r["rejected"]) != len(prompt_nouns(r["prompt"])) for r in rows)
 
 
 def test_demonstrations_are_clean_and_middling():
     rows = make_sft_rows(2000, random.Random(0))
     golds = [gold_reward(r["prompt"], r["response"]) for r in rows]
-    # every demonstration parses (no clause penalty): each noun once, a known adjective
-    values = set(ADJECTIVES.values())
-    for r, g in zip(rows[:300], golds[:300]):
-        assert set(prompt_nouns(r["response"])) == set(prompt_nouns(r["prompt"]))
+    for r in rows[:300]:  # one known adjective per noun, nothing else
+        words = r["response"].rstrip(".").replace(" and ", ", ").split(", ")
+        assert len(words) == len(prompt_nouns(r["prompt"])) and all(w in ADJECTIVES for w in words)
     mean = sum(golds) / len(golds)
-    assert abs(mean) < 0.1 and max(values) == 1.0  # room for PPO to climb to 1.0
+    assert abs(mean) < 0.1 and max(ADJECTIVES.values()) == 1.0  # room for PPO to climb to 1.0
 
 
 def test_eval_prompts_are_held_out(tmp_path):
