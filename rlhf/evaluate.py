@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from rlhf.data.batching import collate_prompts
+from rlhf.data.batching import collate_prompts, pad
 from rlhf.losses import masked_sum
 from rlhf.models import ScalarModel, sequence_scores
 from rlhf.rollout import action_mask_from_response, full_sequence, response_logprobs
@@ -83,6 +83,38 @@ def score(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, b
                            attention_mask[i:i + batch_size].to(reward_model.device)).cpu()
            for i in range(0, input_ids.shape[0], batch_size)]
     return torch.cat(out)
+
+
+class RewardScorer:
+    """Score texts or token ids with a trained reward model (any directory that loads as
+    `AutoModelForSequenceClassification` with one label), batched.
+
+        scorer = RewardScorer("runs/quickstart/rm/final")
+        scorer.score(["Describe the apple and the river.\nlovely and calm."])  # texts
+        scorer.score_ids([[12, 7, 99, 0]])                                 # token ids
+
+    Each sequence is scored at its own last token, found from positions, so the result
+    does not depend on padding side or on the other sequences of the batch. Texts are
+    tokenized as the trainer does (special tokens of the tokenizer, then EOS appended
+    unless `add_eos=False`), which is how the reward model saw its training pairs.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 64):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = load_reward_model(path, device)
+        self.batch_size = batch_size
+
+    def score(self, texts: list[str], add_eos: bool = True) -> list[float]:
+        ids = [self.tokenizer(t)["input_ids"] + ([self.tokenizer.eos_token_id] if add_eos else []) for t in texts]
+        return self.score_ids(ids)
+
+    def score_ids(self, ids: list[list[int]]) -> list[float]:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = pad(ids, pad_id)
+        mask = pad([[1] * len(x) for x in ids], 0)
+        return score(self.model, input_ids, mask, self.batch_size).tolist()
 
 
 @torch.no_grad()

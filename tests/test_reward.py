@@ -119,3 +119,22 @@ def test_zero_stages_and_two_ranks_agree(tmp_path, policy_dir, task_dir, backbon
         assert len(one) == 3 and one == pytest.approx(two, abs=1e-5), (z, one, two)
         reference = reference or one
         assert one == pytest.approx(reference, abs=1e-5)  # every ZeRO stage, the same run
+
+
+def test_scoring_api_matches_the_trainer(tmp_path, policy_dir, task_dir, backbone):
+    from rlhf.evaluate import RewardScorer
+
+    cfg = rm_cfg(tmp_path / "out", policy_dir, task_dir, "train.max_steps=2")
+    trainer = RewardTrainer(cfg, backbone)
+    trainer.fit()
+    scorer = RewardScorer(tmp_path / "out" / "final", batch_size=3)
+    pairs = trainer.data.eval[:5]
+    batch = trainer.collate(pairs)
+    trainer.reward.eval()
+    with torch.no_grad():
+        chosen, rejected = trainer.scores(batch)
+    ids = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    assert torch.allclose(torch.tensor(scorer.score_ids(ids)), torch.cat([chosen, rejected]), atol=1e-5)
+    # texts: tokenized as the trainer does (EOS appended)
+    text = trainer.tokenizer.decode(pairs[0]["chosen_ids"][:-1])
+    assert scorer.score([text])[0] == pytest.approx(chosen[0].item(), abs=1e-5)

@@ -128,3 +128,34 @@ def test_output_dir_is_never_overwritten(tmp_path, sft_data, tokenizer_dir, back
         SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir), backbone).fit()
     assert (out / "precious.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == \
         ["precious.txt"]
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, sft_data, tokenizer_dir, backbone):
+    a = SFTTrainer(make_cfg(tmp_path / "a", sft_data, tokenizer_dir, "train.max_steps=3"), backbone)
+    a.fit()
+    b = SFTTrainer(make_cfg(tmp_path / "b", sft_data, tokenizer_dir, "train.max_steps=3",
+                            "model.gradient_checkpointing=true", "logging.tensorboard=true"), backbone)
+    b.fit()
+    assert losses(tmp_path / "a" / "out") == pytest.approx(losses(tmp_path / "b" / "out"), abs=1e-5)
+    assert list((tmp_path / "b" / "out" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_lora_trains_adapters_only_and_exports_merged(tmp_path, sft_data, tokenizer_dir, backbone):
+    from transformers import AutoModelForCausalLM
+
+    trainer = SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir, "model.lora.r=4", "train.max_steps=4"),
+                         backbone)
+    trainer.setup()
+    before = weights(trainer)
+    trainer.resume()
+    trainer.train()
+    trainer.finish()
+    after = weights(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").eval()
+    assert not any("lora" in k for k in hf.state_dict())
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    trainer.policy.eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
