@@ -47,7 +47,9 @@ def child_ours(spec: dict) -> None:
         f"train.max_steps={spec['steps']}", f"ppo.epochs={spec['ppo_epochs']}", "ppo.kl_coef=0.05",
         "ppo.missing_eos_penalty=1.0", f"policy.optim.lr={spec['lr']}", f"value.optim.lr={spec['lr']}",
         "policy.optim.scheduler=linear", "value.optim.scheduler=linear", "sample_every=0",
-        "logging.progress_bar=false", f"deepspeed.precision={spec['precision']}", f"seed={spec['seed']}",
+        "logging.progress_bar=false", f"deepspeed.precision={spec['precision']}",
+        # bf16 trains with fp32 master weights in DeepSpeed's ZeRO-1 optimizer (one rank: no sharding)
+        f"deepspeed.zero_stage={1 if spec['precision'] == 'bf16' else 0}", f"seed={spec['seed']}",
         f"train.log_every={spec['steps']}"])
     trainer = PPOTrainer(cfg)
     trainer.setup()

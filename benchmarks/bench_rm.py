@@ -65,7 +65,9 @@ def child_ours(spec: dict) -> None:
         f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
         "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
         "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
-        f"deepspeed.precision={spec['precision']}", f"seed={spec['seed']}"])
+        f"deepspeed.precision={spec['precision']}",
+        # bf16 trains with fp32 master weights in DeepSpeed's ZeRO-1 optimizer (one rank: no sharding)
+        f"deepspeed.zero_stage={1 if spec['precision'] == 'bf16' else 0}", f"seed={spec['seed']}"])
     trainer = RewardTrainer(cfg)
     trainer.setup()
     trainer.resume()

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from common import compare, emit, model_arch, parent_args, prepare, save, table
+from common import compare, emit, long_sft_rows, model_arch, parent_args, prepare, save, table
 
 
 def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length: int, device: str) -> float:
@@ -59,7 +59,9 @@ def child_ours(spec: dict) -> None:
         f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
         "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
         "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
-        f"deepspeed.precision={spec['precision']}", f"seed={spec['seed']}"])
+        f"deepspeed.precision={spec['precision']}",
+        # bf16 trains with fp32 master weights in DeepSpeed's ZeRO-1 optimizer (one rank: no sharding)
+        f"deepspeed.zero_stage={1 if spec['precision'] == 'bf16' else 0}", f"seed={spec['seed']}"])
     trainer = SFTTrainer(cfg)
     trainer.setup()
     trainer.resume()
@@ -132,6 +134,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--long", type=int, default=0,
+                   help="join this many demonstrations into each response (long sequences for GPUs)")
+    p.add_argument("--rows", type=int, default=4000, help="training rows with --long")
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.spec)
@@ -139,13 +144,32 @@ def main() -> None:
         return
     import torch
 
-    work = Path(args.work) / f"sft-h{args.hidden}-l{args.layers}"
-    spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    work = Path(args.work) / f"sft-h{args.hidden}-l{args.layers}-p{max(256, args.max_length)}"
+    spec = prepare(work, model_arch(args.hidden, args.layers, args.heads, max_positions=max(256, args.max_length)))
+    if args.long:
+        spec["sft_train"] = long_sft_rows(spec["sft_train"], work / f"long{args.long}_train.jsonl", args.rows,
+                                          args.long)
+        spec["sft_eval"] = long_sft_rows(spec["sft_eval"], work / f"long{args.long}_eval.jsonl", 100, args.long, 1)
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
                 warmup=10, log_every=50, seed=42, precision=args.precision,
                 device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["tokens_per_s", "train_s", "eval_loss"]
     result = compare(__file__, spec, args.repeats, keys)
+    # Model FLOPs utilisation: 6 x parameters x tokens (forward + backward), attention
+    # score FLOPs not counted; against the dense bf16 peak of the GPU (H100 SXM: 989 TFLOP/s).
+    if spec["device"] == "cuda":
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(spec["model"])).parameters())
+        for who in ("ours", "trl"):
+            tflops = 6 * n_params * result["median"][who]["tokens_per_s"] / 1e12
+            result["median"][who]["model_tflops"] = tflops
+            result["median"][who]["mfu_vs_989"] = tflops / 989
+        result["params"] = n_params
+        keys += ["model_tflops", "mfu_vs_989"]
     result["table"] = table(result, keys, "tokens_per_s")
     print(result["table"])
     save(result, args.out)

@@ -63,6 +63,21 @@ def prepare(work: Path, arch: dict, seed: int = 0, num_sft: int = 4000, num_pair
     return out
 
 
+def long_sft_rows(src: str, dst: Path, n: int, per_row: int, seed: int = 0) -> str:
+    """SFT rows with long responses (`per_row` task demonstrations joined), for GPU runs
+    where the task's ~25-token rows would leave the device idle."""
+    import random
+
+    rows = [json.loads(x) for x in Path(src).read_text().splitlines()]
+    rng = random.Random(seed)
+    with dst.open("w") as f:
+        for _ in range(n):
+            picked = rng.sample(rows, per_row)
+            f.write(json.dumps({"prompt": picked[0]["prompt"],
+                                "response": " ".join(r["response"] for r in picked)}) + "\n")
+    return str(dst)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

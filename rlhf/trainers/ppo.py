@@ -30,7 +30,7 @@ import torch
 from rlhf.config import ModelConfig, PPOConfig, exact_div
 from rlhf.data import build_stage_data
 from rlhf.data.batching import StepSampler, collate_prompts, collate_sft
-from rlhf.losses import (gae, lm_loss, make_kl_controller, masked_mean, masked_sum, policy_loss, value_loss)
+from rlhf.losses import gae, lm_loss, make_kl_controller, masked_sum, policy_loss, value_loss
 from rlhf.losses import compute_rewards as reward_with_kl
 from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained,
                          sequence_scores)
