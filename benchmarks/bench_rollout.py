@@ -15,7 +15,6 @@ Checks that all three give identical tokens. Run on one process, or on several r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -58,34 +57,44 @@ def main() -> None:
     # EOS suppressed: every row generates all new tokens, so every run does the same work
     rollout = RolloutConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
 
-    results, tokens = {}, {}
-    for name, zero, gather in (("zero0", 0, True), ("zero3", 3, True), ("zero3-per-token", 3, False)):
+    variants = {"zero0": 0, "zero3": 3, "zero3-per-token": 3}
+    engines = {}
+    for name, zero in variants.items():
         ds = DeepSpeedConfig(zero_stage=zero)
         with bb.model_init(ds):
             model = load_causal_lm(ModelConfig(path=spec["model"]), tok)
-        engine = bb.wrap(model, ds, OptimConfig(lr=1e-5))
-        times = []
-        for _ in range(args.repeats + 1):  # the first run warms up
-            if bb.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            if gather:
-                out = generate(engine, ids, mask, rollout, tok, zero, greedy=True)
-            else:  # bypass the gathering context: ZeRO-3's hooks fetch per module, per token
-                with contextlib.nullcontext():
-                    out = generate(engine, ids, mask, rollout, tok, 0, greedy=True)
-            if bb.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        results[name] = statistics.median(times[1:])
-        tokens[name] = out[0].cpu()
-        del engine, model
+        engines[name] = bb.wrap(model, ds, OptimConfig(lr=1e-5))
+
+    def run(name):
+        # the per-token variant bypasses the gathering context: ZeRO-3's hooks fetch per module, per token
+        zero = 0 if name == "zero3-per-token" else variants[name]
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = generate(engines[name], ids, mask, rollout, tok, zero, greedy=True)
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out[0].cpu()
+
+    # Rounds alternate the variants' order, so that drifts of a shared machine's speed
+    # fall on all of them; the first round warms up and is not counted.
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    tokens = {}
+    names = list(variants)
+    for r in range(args.repeats + 1):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t, tokens[name] = run(name)
+            if r:
+                times[name].append(t)
+    results = {k: statistics.median(v) for k, v in times.items()}
     same = all(torch.equal(tokens["zero0"], t) for t in tokens.values())
     ratio = results["zero3"] / results["zero0"]
+    # per-round ratios too: each pair was timed back to back
+    round_ratios = [a / b for a, b in zip(times["zero3"], times["zero0"])]
     summary = {"device": str(bb.device), "ranks": bb.world_size, "hidden": args.hidden, "layers": args.layers,
-               "batch": args.batch, "new_tokens": args.new_tokens, "seconds": results,
-               "zero3_over_zero0": ratio, "per_token_over_zero0": results["zero3-per-token"] / results["zero0"],
-               "same_tokens": same}
+               "batch": args.batch, "new_tokens": args.new_tokens, "repeats": args.repeats, "seconds": results,
+               "zero3_over_zero0": ratio, "zero3_over_zero0_per_round": round_ratios,
+               "per_token_over_zero0": results["zero3-per-token"] / results["zero0"], "same_tokens": same}
     if bb.is_main:
         print("| variant | seconds per rollout batch | vs ZeRO-0 |\n|---|---|---|")
         for k, v in results.items():

@@ -39,28 +39,31 @@ def action_mask_from_response(response_ids: torch.Tensor, eos_id: int) -> torch.
 
 
 def generation_context(engine, zero_stage: int):
-    """Gather the policy's ZeRO-3 parameters once for a whole rollout batch and lift
-    the per-module fetch hooks while generating, instead of gathering every layer for
-    every generated token (the slowness DeepSpeed-Chat users reported,
-    DeepSpeedExamples #718). Costs one full copy of the weights per rank meanwhile."""
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
+    """Decode on torch's own `linear` (see `torch_linear`) and, under ZeRO-3, gather the
+    policy's parameters once for a whole rollout batch and lift the per-module fetch
+    hooks while generating, instead of gathering every layer for every generated token
+    (the slowness DeepSpeed-Chat users reported, DeepSpeedExamples #718). Costs one
+    full copy of the weights per rank meanwhile."""
     stack = contextlib.ExitStack()
-    stack.enter_context(unwrap_model_for_generation(engine))
-    stack.enter_context(_torch_linear())
+    stack.enter_context(torch_linear())
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        stack.enter_context(unwrap_model_for_generation(engine))
     return stack
 
 
 @contextlib.contextmanager
-def _torch_linear():
-    """Use torch's own `linear` for the duration.
+def torch_linear():
+    """Use torch's own `linear` for the duration; for passes without backward.
 
-    ZeRO-3's Init replaces torch.nn.functional.linear process-wide with an autograd
-    Function that can re-gather a weight in backward. Generation has no backward, and
-    that wrapper costs about a third of a small model's decoding time (measured with
-    benchmarks/bench_rollout.py), so decoding runs on the original.
+    Once any model is built under ZeRO-3 (`deepspeed.zero.Init`), DeepSpeed replaces
+    torch.nn.functional.linear process-wide with an autograd Function that can
+    re-gather a weight in backward, and every model in the process pays for it, ZeRO-0
+    ones included. Passes without backward (generation, scoring) do not need it; it
+    costs about a tenth to a third of a small model's decoding time (measured with
+    benchmarks/bench_rollout.py), so they run on the original. A no-op when nothing
+    was replaced.
     """
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 

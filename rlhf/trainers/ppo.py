@@ -34,7 +34,7 @@ from rlhf.losses import gae, lm_loss, make_kl_controller, masked_sum, policy_los
 from rlhf.losses import compute_rewards as reward_with_kl
 from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained,
                          sequence_scores)
-from rlhf.rollout import full_sequence, generate, response_logprobs, response_values
+from rlhf.rollout import full_sequence, generate, response_logprobs, response_values, torch_linear
 from rlhf.trainers.base import Trainer
 
 
@@ -222,12 +222,13 @@ class PPOTrainer(Trainer):
         out: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "scores": []}
         self.policy.eval()
         self.value.eval()
-        for i in range(0, input_ids.shape[0], chunk):
-            ids, mask = input_ids[i:i + chunk], attention_mask[i:i + chunk]
-            out["logprobs"].append(response_logprobs(self.policy, ids, mask, P, T))
-            out["ref"].append(response_logprobs(self.ref_policy, ids, mask, P, T))
-            out["values"].append(response_values(self.value, ids, mask, P))
-            out["scores"].append(sequence_scores(self.reward, ids, mask))
+        with torch_linear():
+            for i in range(0, input_ids.shape[0], chunk):
+                ids, mask = input_ids[i:i + chunk], attention_mask[i:i + chunk]
+                out["logprobs"].append(response_logprobs(self.policy, ids, mask, P, T))
+                out["ref"].append(response_logprobs(self.ref_policy, ids, mask, P, T))
+                out["values"].append(response_values(self.value, ids, mask, P))
+                out["scores"].append(sequence_scores(self.reward, ids, mask))
         self.policy.train()
         self.value.train()
         return tuple(torch.cat(out[k]) for k in ("logprobs", "ref", "values", "scores"))
