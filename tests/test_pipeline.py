@@ -44,6 +44,9 @@ def test_quickstart_pipeline_reaches_its_goals(run):
     for f in ("report.md", "report.png", "timings.json", "pipeline.yaml", "sft/final", "rm/final", "ppo/final"):
         assert (root / f).exists(), f
     assert "PPO win rate over SFT (gold)" in stdout
+    rows = [json.loads(x) for x in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    ratios = [r["ppo/ratio_at_start"] for r in rows if "ppo/ratio_at_start" in r]
+    assert ratios and all(abs(x - 1) < 1e-5 for x in ratios)  # old and new log-probs agree before any update
 
 
 def test_kill_9_in_each_stage_then_resume_gives_the_same_report(run, tmp_path):
