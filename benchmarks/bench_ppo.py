@@ -23,14 +23,12 @@ import json
 import time
 from pathlib import Path
 
-from common import compare, emit, model_arch, parent_args, prepare, save, table
+from common import compare, emit, model_arch, parent_args, precision_overrides, prepare, save, table, timed
 
 
-def sync(spec: dict) -> None:
-    if spec["device"] != "cpu":
-        import torch
-
-        torch.cuda.synchronize()
+def emit_episodes(spec: dict, seconds: float) -> None:
+    episodes = spec["steps"] * spec["rollout"]
+    emit({"episodes_per_s": episodes / seconds, "train_s": seconds, "episodes": episodes})
 
 
 def child_ours(spec: dict) -> None:
@@ -47,20 +45,12 @@ def child_ours(spec: dict) -> None:
         f"train.max_steps={spec['steps']}", f"ppo.epochs={spec['ppo_epochs']}", "ppo.kl_coef=0.05",
         "ppo.missing_eos_penalty=1.0", f"policy.optim.lr={spec['lr']}", f"value.optim.lr={spec['lr']}",
         "policy.optim.scheduler=linear", "value.optim.scheduler=linear", "sample_every=0",
-        "logging.progress_bar=false", f"deepspeed.precision={spec['precision']}",
-        # bf16 trains with fp32 master weights in DeepSpeed's ZeRO-1 optimizer (one rank: no sharding)
-        f"deepspeed.zero_stage={1 if spec['precision'] == 'bf16' else 0}", f"seed={spec['seed']}",
+        "logging.progress_bar=false", *precision_overrides(spec["precision"]), f"seed={spec['seed']}",
         f"train.log_every={spec['steps']}"])
     trainer = PPOTrainer(cfg)
     trainer.setup()
     trainer.resume()
-    sync(spec)
-    t0 = time.perf_counter()
-    trainer.train()
-    sync(spec)
-    dt = time.perf_counter() - t0
-    episodes = spec["steps"] * spec["rollout"]
-    emit({"episodes_per_s": episodes / dt, "train_s": dt, "episodes": episodes})
+    emit_episodes(spec, timed(spec, trainer.train))
 
 
 def child_trl(spec: dict) -> None:
@@ -89,13 +79,7 @@ def child_trl(spec: dict) -> None:
         seed=spec["seed"], adam_beta2=0.95, disable_tqdm=True)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(64)))
-    sync(spec)
-    t0 = time.perf_counter()
-    trainer.train()
-    sync(spec)
-    dt = time.perf_counter() - t0
-    episodes = spec["steps"] * spec["rollout"]
-    emit({"episodes_per_s": episodes / dt, "train_s": dt, "episodes": episodes})
+    emit_episodes(spec, timed(spec, trainer.train))
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ import json
 import time
 from pathlib import Path
 
-from common import compare, emit, model_arch, parent_args, prepare, save, table
+from common import (compare, emit, model_arch, parent_args, prepare, save, supervised_overrides, table, timed,
+                    train_timer)
 
 
 def heldout_accuracy(model_dir: str, tokenizer_dir: str, pairs_file: str, max_length: int, device: str) -> float:
@@ -46,47 +47,26 @@ def heldout_accuracy(model_dir: str, tokenizer_dir: str, pairs_file: str, max_le
     return correct / len(pairs)
 
 
-def sync(spec: dict) -> None:
-    if spec["device"] != "cpu":
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def child_ours(spec: dict) -> None:
     from rlhf.config import RMConfig, load_stage_config
     from rlhf.trainers.reward import RewardTrainer
 
-    out = Path(spec["work"]) / f"ours-{time.time_ns()}"
-    cfg = load_stage_config(RMConfig, None, [
-        f"output_dir={out}", f"model.path={spec['rm_model']}", f"tokenizer.path={spec['tokenizer']}",
-        f"data.path={spec['pairs_train']}", f"data.max_length={spec['max_length']}",
-        f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['batch']}",
-        f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
-        "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
-        "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
-        f"deepspeed.precision={spec['precision']}",
-        # bf16 trains with fp32 master weights in DeepSpeed's ZeRO-1 optimizer (one rank: no sharding)
-        f"deepspeed.zero_stage={1 if spec['precision'] == 'bf16' else 0}", f"seed={spec['seed']}"])
+    cfg = load_stage_config(RMConfig, None, supervised_overrides(spec, spec["rm_model"], spec["pairs_train"]))
     trainer = RewardTrainer(cfg)
     trainer.setup()
     trainer.resume()
     pairs = trainer.total_steps * spec["batch"]
-    sync(spec)
-    t0 = time.perf_counter()
-    trainer.train()
-    sync(spec)
-    dt = time.perf_counter() - t0
-    trainer.export(out / "final")
+    dt = timed(spec, trainer.train)
+    trainer.export(trainer.out / "final")
     emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs,
-          "accuracy": heldout_accuracy(str(out / "final"), spec["tokenizer"], spec["pairs_eval"],
+          "accuracy": heldout_accuracy(str(trainer.out / "final"), spec["tokenizer"], spec["pairs_eval"],
                                        spec["max_length"], spec["device"])})
 
 
 def child_trl(spec: dict) -> None:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     out = Path(spec["work"]) / f"trl-{time.time_ns()}"
@@ -101,22 +81,12 @@ def child_trl(spec: dict) -> None:
         max_grad_norm=1.0, max_length=spec["max_length"], logging_steps=spec["log_every"], save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16",
         seed=spec["seed"], dataloader_drop_last=True, disable_tqdm=True, disable_dropout=True)
-    timer = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            sync(spec)
-            timer["t0"] = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            sync(spec)
-            timer["dt"] = time.perf_counter() - timer["t0"]
-
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    timer = train_timer(spec)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
     pairs = len(trainer.train_dataset) // spec["batch"] * spec["batch"] * spec["epochs"]
     trainer.train()
     trainer.save_model(str(out / "final"))
-    emit({"pairs_per_s": pairs / timer["dt"], "train_s": timer["dt"], "pairs": pairs,
+    emit({"pairs_per_s": pairs / timer.seconds, "train_s": timer.seconds, "pairs": pairs,
           "accuracy": heldout_accuracy(str(out / "final"), spec["tokenizer"], spec["pairs_eval"],
                                        spec["max_length"], spec["device"])})
 

@@ -18,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from common import compare, emit, long_sft_rows, model_arch, parent_args, prepare, save, table
+from common import (compare, emit, long_sft_rows, model_arch, parent_args, prepare, save, supervised_overrides,
+                    table, timed, train_timer)
 
 
 def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length: int, device: str) -> float:
@@ -51,37 +52,23 @@ def child_ours(spec: dict) -> None:
     from rlhf.config import SFTConfig, load_stage_config
     from rlhf.trainers.sft import SFTTrainer
 
-    out = Path(spec["work"]) / f"ours-{time.time_ns()}"
-    cfg = load_stage_config(SFTConfig, None, [
-        f"output_dir={out}", f"model.path={spec['model']}", f"tokenizer.path={spec['tokenizer']}",
-        f"data.path={spec['sft_train']}", f"data.max_length={spec['max_length']}",
-        f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['batch']}",
-        f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
-        "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
-        "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
-        f"deepspeed.precision={spec['precision']}",
-        # bf16 trains with fp32 master weights in DeepSpeed's ZeRO-1 optimizer (one rank: no sharding)
-        f"deepspeed.zero_stage={1 if spec['precision'] == 'bf16' else 0}", f"seed={spec['seed']}"])
+    cfg = load_stage_config(SFTConfig, None, supervised_overrides(spec, spec["model"], spec["sft_train"]))
     trainer = SFTTrainer(cfg)
     trainer.setup()
     trainer.resume()
     tokens = sum(len(trainer.data.train[i]["input_ids"]) for s in range(trainer.total_steps)
                  for mb in trainer.sampler.step(s) for i in mb)
-    sync(spec)
-    t0 = time.perf_counter()
-    trainer.train()
-    sync(spec)
-    dt = time.perf_counter() - t0
-    trainer.export(out / "final")
+    dt = timed(spec, trainer.train)
+    trainer.export(trainer.out / "final")
     emit({"tokens_per_s": tokens / dt, "train_s": dt, "tokens": tokens, "steps": trainer.total_steps,
-          "eval_loss": heldout_loss(str(out / "final"), spec["tokenizer"], spec["sft_eval"], spec["max_length"],
-                                    spec["device"])})
+          "eval_loss": heldout_loss(str(trainer.out / "final"), spec["tokenizer"], spec["sft_eval"],
+                                    spec["max_length"], spec["device"])})
 
 
 def child_trl(spec: dict) -> None:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     out = Path(spec["work"]) / f"trl-{time.time_ns()}"
@@ -97,34 +84,17 @@ def child_trl(spec: dict) -> None:
         logging_steps=spec["log_every"], save_strategy="no", eval_strategy="no", report_to=[],
         use_cpu=spec["device"] == "cpu", bf16=bf16, seed=spec["seed"], dataloader_drop_last=True,
         disable_tqdm=True)
-    timer = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            sync(spec)
-            timer["t0"] = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            sync(spec)
-            timer["dt"] = time.perf_counter() - timer["t0"]
-
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    timer = train_timer(spec)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
     per_epoch = sum(len(x) for x in trainer.train_dataset["input_ids"])
     steps_per_epoch = len(trainer.train_dataset) // spec["batch"]
     tokens = per_epoch * steps_per_epoch * spec["batch"] / len(trainer.train_dataset) * spec["epochs"]
     trainer.train()
     trainer.save_model(str(out / "final"))
-    emit({"tokens_per_s": tokens / timer["dt"], "train_s": timer["dt"], "tokens": tokens,
+    emit({"tokens_per_s": tokens / timer.seconds, "train_s": timer.seconds, "tokens": tokens,
           "steps": steps_per_epoch * spec["epochs"],
           "eval_loss": heldout_loss(str(out / "final"), spec["tokenizer"], spec["sft_eval"], spec["max_length"],
                                     spec["device"])})
-
-
-def sync(spec: dict) -> None:
-    if spec["device"] != "cpu":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def main() -> None:

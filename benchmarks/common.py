@@ -63,6 +63,61 @@ def prepare(work: Path, arch: dict, seed: int = 0, num_sft: int = 4000, num_pair
     return out
 
 
+def sync(spec: dict) -> None:
+    """Wait for the GPU, so that a timer reads finished work."""
+    if spec["device"] != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(spec: dict, fn) -> float:
+    """Seconds `fn()` takes, device work included."""
+    sync(spec)
+    t0 = time.perf_counter()
+    fn()
+    sync(spec)
+    return time.perf_counter() - t0
+
+
+def train_timer(spec: dict):
+    """A transformers TrainerCallback timing a HF/TRL trainer's training loop (from its
+    train-begin to its train-end event: model loading and tokenization excluded);
+    the result is its `seconds`."""
+    from transformers import TrainerCallback
+
+    class TrainTimer(TrainerCallback):
+        seconds = 0.0
+
+        def on_train_begin(self, *a, **k):
+            sync(spec)
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            sync(spec)
+            self.seconds = time.perf_counter() - self.t0
+
+    return TrainTimer()
+
+
+def precision_overrides(precision: str) -> list[str]:
+    """Our DeepSpeed settings for a precision: bf16 trains with fp32 master weights in
+    DeepSpeed's ZeRO-1 optimizer (on one rank that shards nothing), fp32 on ZeRO-0."""
+    return [f"deepspeed.precision={precision}", f"deepspeed.zero_stage={1 if precision == 'bf16' else 0}"]
+
+
+def supervised_overrides(spec: dict, model: str, data: str) -> list[str]:
+    """Our config for the SFT and RM benchmarks: the settings TRL's trainers are given."""
+    return [
+        f"output_dir={Path(spec['work']) / f'ours-{time.time_ns()}'}", f"model.path={model}",
+        f"tokenizer.path={spec['tokenizer']}", f"data.path={data}", f"data.max_length={spec['max_length']}",
+        f"train.global_batch_size={spec['batch']}", f"train.micro_batch_size={spec['batch']}",
+        f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
+        "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
+        "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
+        *precision_overrides(spec["precision"]), f"seed={spec['seed']}"]
+
+
 def long_sft_rows(src: str, dst: Path, n: int, per_row: int, seed: int = 0) -> str:
     """SFT rows with long responses (`per_row` task demonstrations joined), for GPU runs
     where the task's ~25-token rows would leave the device idle."""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import model_arch, prepare  # noqa: E402
+from common import model_arch, precision_overrides, prepare  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--work", default="/tmp/rlhf-bench")
@@ -38,8 +38,7 @@ cfg = load_stage_config(PPOConfig, None, [
     f"rollout.batch_size={args.rollout}", f"rollout.max_new_tokens={args.response_length}",
     f"train.global_batch_size={args.rollout}", f"train.micro_batch_size={args.micro}",
     f"train.eval_batch_size={args.rollout}", f"train.max_steps={args.steps}", "ppo.epochs=2", "sample_every=0",
-    "logging.progress_bar=false", f"deepspeed.precision={args.precision}",
-    f"deepspeed.zero_stage={1 if args.precision == 'bf16' else 0}"])
+    "logging.progress_bar=false", *precision_overrides(args.precision)])
 trainer = PPOTrainer(cfg)
 trainer.setup()
 trainer.resume()
