@@ -37,6 +37,8 @@ class RunDirError(ValueError):
 class Trainer:
     stage = ""
     plot_keys: list[str] = []
+    progress_keys: list[str] = ["train/loss", "train/tokens_per_s", "train/accuracy"]
+    """Metrics shown on the progress bar."""
 
     def __init__(self, cfg: BaseStageConfig, backbone: Backbone | None = None):
         self.cfg = cfg
@@ -144,7 +146,6 @@ class Trainer:
 
     def train(self) -> None:
         """Optimizer steps until `total_steps`, with logging, evaluation and checkpoints."""
-        cfg = self.cfg
         if self.step == 0 and self.data.eval:
             self.log(self.evaluate())  # the starting point, so the curve shows what training did
         bar = self.progress_bar()
@@ -156,15 +157,21 @@ class Trainer:
             self.step += 1
             metrics["train/step_time_s"] = time.perf_counter() - t0
             metrics["train/epoch"] = self.step / self.sampler.steps_per_epoch
-            if self.step % cfg.train.log_every == 0:
-                self.log(metrics)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
-                self.log(self.evaluate())
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.save_checkpoint()
-            self.update_progress(bar, metrics)
+            self.end_step(metrics, bar)
         if bar is not None:
             bar.close()
+
+    def end_step(self, metrics: dict[str, float], bar) -> None:
+        """After `self.step` has advanced: log, evaluate and checkpoint at the configured
+        intervals, and move the progress bar."""
+        cfg = self.cfg
+        if self.step % cfg.train.log_every == 0:
+            self.log(metrics)
+        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+            self.log(self.evaluate())
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
+        self.update_progress(bar, metrics)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -187,8 +194,8 @@ class Trainer:
         metrics = self.evaluate() if self.has_eval() else {}
         if metrics:
             self.log(metrics)
-        if not list_checkpoints(self.out / "checkpoints") or \
-                list_checkpoints(self.out / "checkpoints")[-1].name != f"step-{self.step:08d}":
+        checkpoints = list_checkpoints(self.out / "checkpoints")
+        if not checkpoints or checkpoints[-1].name != f"step-{self.step:08d}":
             self.save_checkpoint()
         self.export_final()
         if self.backbone.is_main:
@@ -242,8 +249,7 @@ class Trainer:
     def update_progress(self, bar, metrics: dict[str, float]) -> None:
         if bar is None:
             return
-        shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in metrics.items()
-                 if k in ("train/loss", "train/tokens_per_s", "train/accuracy")}
+        shown = {k.split("/", 1)[1]: f"{metrics[k]:.4g}" for k in self.progress_keys if k in metrics}
         bar.set_postfix(shown, refresh=False)
         bar.update(1)
 

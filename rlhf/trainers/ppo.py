@@ -74,6 +74,7 @@ class Experience:
 class PPOTrainer(Trainer):
     stage = "ppo"
     plot_keys = ["ppo/score", "ppo/kl", "eval/score", "eval/gold_reward", "ppo/value_error"]
+    progress_keys = ["ppo/score", "ppo/kl", "ppo/episodes_per_s"]
 
     cfg: PPOConfig
 
@@ -188,13 +189,7 @@ class PPOTrainer(Trainer):
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.write_samples(exp)
             self.step += 1
-            if self.step % cfg.train.log_every == 0:
-                self.log(metrics)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
-                self.log(self.evaluate())
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.save_checkpoint()
-            self.update_progress(bar, {"train/score": metrics["ppo/score"], "train/kl": metrics["ppo/kl"]})
+            self.end_step(metrics, bar)
         if bar is not None:
             bar.close()
 
