@@ -19,7 +19,7 @@ import torch
 from rlhf.data.batching import collate_prompts, pad
 from rlhf.losses import masked_sum
 from rlhf.models import ScalarModel, sequence_scores
-from rlhf.rollout import action_mask_from_response, full_sequence, response_logprobs
+from rlhf.rollout import end_at_eos, full_sequence, response_logprobs
 
 
 @dataclass
@@ -70,8 +70,7 @@ def sample(model, tokenizer, prompts: list[str], s: Sampling) -> tuple[torch.Ten
     ids = torch.cat([torch.nn.functional.pad(x[0], (P - x[0].shape[1], 0), value=pad) for x in batches])
     mask = torch.cat([torch.nn.functional.pad(x[1], (P - x[1].shape[1], 0), value=0) for x in batches])
     resp = torch.cat([torch.nn.functional.pad(x[2], (0, R - x[2].shape[1]), value=pad) for x in batches])
-    action = action_mask_from_response(resp, tokenizer.eos_token_id)
-    resp = torch.where(action.bool(), resp, torch.full_like(resp, pad))
+    resp, action = end_at_eos(resp, tokenizer.eos_token_id, pad)
     return ids, mask, resp, action
 
 

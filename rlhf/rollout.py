@@ -123,10 +123,15 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
     for o in outs:
         response[row:row + o.shape[0], :o.shape[1]] = o
         row += o.shape[0]
-    action_mask = action_mask_from_response(response, tokenizer.eos_token_id)
-    # Whatever generate put after the first EOS becomes pad, so the tensors say what the masks say.
-    response = torch.where(action_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
-    return response, action_mask
+    return end_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def end_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated `(B, R)` ids -> (ids with pad after the first EOS, action mask): whatever
+    generate put after the first EOS becomes pad, so the tensors say what the masks say."""
+    action_mask = action_mask_from_response(response_ids, eos_id)
+    response_ids = torch.where(action_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return response_ids, action_mask
 
 
 def full_sequence(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
