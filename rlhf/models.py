@@ -45,6 +45,15 @@ def load_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig | None = None):
     return tok
 
 
+def model_type(cfg: ModelConfig) -> str:
+    """The HF `model_type` a model config names (read from `path`'s config.json or `arch`)."""
+    from transformers import AutoConfig
+
+    if cfg.arch is not None:
+        return cfg.arch["model_type"]
+    return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code).model_type
+
+
 def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None):
     from transformers import AutoConfig
 
@@ -161,18 +170,55 @@ class ScalarModel(nn.Module):
         self.hf = hf_model
         scalar_head(hf_model)  # refuse early a model whose head we do not know
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask` is `(B, T)` (1: real token) or a custom boolean `(B, 1, T, T)`
+        (True: may attend; see collate_pairs_shared_prefix), which needs `position_ids`."""
+        if attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("a 4D attention mask needs position_ids")
+            attention_mask = custom_attention_mask(self.hf, attention_mask)
+        elif position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
         # Looked up per call, not stored: stored submodules would appear twice in state_dict.
         body, head = scalar_head(self.hf)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
         return head(hidden).squeeze(-1).float()
+
+
+def custom_attention_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean `(B, 1, T, T)` mask in the form the model's attention takes as-is:
+    boolean for SDPA, additive (0 or the dtype's minimum) for eager attention."""
+    impl = unwrap(model).config._attn_implementation
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = unwrap(model).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"attention implementation {impl!r} does not take a custom 4D mask; "
+                     "set reward.shared_prefix=false or model.attn_implementation=sdpa")
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-padding token of each row, `(B,)`, from positions only."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(-1)
+
+
+def pair_scores(model: nn.Module, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores `(B,)` of a batch of pairs from one forward pass, in
+    either layout: `collate_pairs` (chosen rows then rejected rows) or
+    `collate_pairs_shared_prefix` (common prefixes once, custom 4D mask)."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if mask.dim() == 2:
+        s = sequence_scores(model, ids, mask)
+        half = s.shape[0] // 2
+        return s[:half], s[half:]
+    values = model(ids, mask, batch["position_ids"].to(device))
+    c, r = batch["chosen_index"].to(device), batch["rejected_index"].to(device)
+    return values[c[:, 0], c[:, 1]], values[r[:, 0], r[:, 1]]
 
 
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 
 from rlhf.config import DataConfig, SourceConfig
 from rlhf.data import DataError, build_stage_data
-from rlhf.data.batching import StepSampler, collate_prompts, collate_sft, pack
+from rlhf.data.batching import StepSampler, collate_pairs_shared_prefix, collate_prompts, collate_sft, pack
 from rlhf.data.formats import split_implicit_prompt, tokenize_pairs, tokenize_prompts, tokenize_sft
 from rlhf.data.sources import Row, load_rows
 
@@ -284,3 +284,25 @@ def test_packing_restarts_positions_and_keeps_masks():
     assert batch["attention_mask"] is None
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     assert batch["loss_mask"].tolist() == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
+
+
+def test_shared_prefix_layout_by_hand():
+    pairs = [{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 4, 5], "margin": 0.5},  # prefix [1, 2]
+             {"chosen_ids": [6], "rejected_ids": [7, 8], "margin": 0.0},            # no prefix
+             {"chosen_ids": [9], "rejected_ids": [10], "margin": 0.0}]
+    b = collate_pairs_shared_prefix(pairs, pad_id=0, pack=True)
+    # rows as wide as the longest segment (5); pairs 2 and 3 share the second row
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 0, 1, 0, 0]]
+    assert b["chosen_index"].tolist() == [[0, 2], [1, 0], [1, 3]]
+    assert b["rejected_index"].tolist() == [[0, 4], [1, 2], [1, 4]]
+    assert b["margin"].tolist() == [0.5, 0.0, 0.0]
+    allowed = [[[j for j in range(5) if b["attention_mask"][r, 0, i, j]] for i in range(5)] for r in range(2)]
+    assert allowed[0] == [[0], [0, 1], [0, 1, 2], [0, 1, 3], [0, 1, 3, 4]]  # 4 and 5 see the prefix, not 3
+    assert allowed[1] == [[0], [1], [1, 2], [3], [4]]
+    # unpacked: one pair per row, padding attends only to itself
+    b = collate_pairs_shared_prefix(pairs, pad_id=0, pack=False)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0], [9, 10, 0, 0, 0]]
+    assert b["attention_mask"][2, 0].tolist()[2:] == [[False, False, True, False, False],
+                                                      [False, False, False, True, False],
+                                                      [False, False, False, False, True]]

@@ -6,11 +6,12 @@ import torch
 
 from conftest import PACKING_ARCHS, TINY_ARCHS
 from rlhf.config import DataConfig, LoraConfig, ModelConfig, SFTConfig
-from rlhf.data.batching import collate_pairs, collate_sft, pack
+from rlhf.data.batching import collate_pairs, collate_pairs_shared_prefix, collate_sft, pack
 from rlhf.losses import lm_loss
 from rlhf.trainers.sft import PACKING_MODEL_TYPES, check_packing_supported
-from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained,
+from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, pair_scores, save_pretrained,
                          sequence_scores)
+from rlhf.trainers.reward import SHARED_PREFIX_MODEL_TYPES
 
 
 def model_cfg(family, **kw):
@@ -45,9 +46,8 @@ def test_packing_gives_the_same_per_sample_loss(family, tokenizer):
 
 def test_packing_is_refused_for_models_that_would_attend_across_samples(tmp_path):
     # OPT derives its mask without position ids, so packed samples would see each other.
-    cfg = SFTConfig(model=model_cfg("opt"), data=DataConfig(path="x.jsonl", packing=True))
     with pytest.raises(ValueError, match="data.packing: model type 'opt' is not known to keep packed samples"):
-        check_packing_supported("opt", cfg)
+        check_packing_supported("opt")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -114,3 +114,55 @@ def test_pad_token_is_added_distinct_from_eos(tmp_path):
     assert tok.pad_token_id not in (None, tok.eos_token_id) and len(tok) == 4
     model = load_causal_lm(ModelConfig(arch=dict(TINY_ARCHS["gpt2"])), tok)
     assert model.get_input_embeddings().weight.shape[0] >= 4 and model.config.pad_token_id == tok.pad_token_id
+
+
+SHARED_PREFIX_PAIRS = [
+    {"chosen_ids": [5, 6, 7, 8, 9], "rejected_ids": [5, 6, 10], "margin": 0.0},           # prompt shared
+    {"chosen_ids": [11, 12], "rejected_ids": [11, 12, 13, 14], "margin": 0.0},           # chosen inside rejected
+    {"chosen_ids": [15, 16, 17], "rejected_ids": [18, 19], "margin": 0.0},               # nothing shared
+    {"chosen_ids": [20, 21, 22, 23], "rejected_ids": [20, 21], "margin": 0.0},           # rejected inside chosen
+    {"chosen_ids": [24, 25, 26, 27, 28, 29, 30], "rejected_ids": [24, 31], "margin": 0.0},  # longest: rows this wide
+]
+
+
+@pytest.mark.parametrize("family", sorted(SHARED_PREFIX_MODEL_TYPES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_scores_and_gradients_equal_separate_rows(family, attn, tokenizer):
+    torch.manual_seed(0)
+    model = ScalarModel(load_scalar_model(model_cfg(family, attn_implementation=attn), tokenizer)).eval()
+
+    def scores_and_grads(batch):
+        model.zero_grad()
+        chosen, rejected = pair_scores(model, batch, "cpu")
+        (chosen - 2 * rejected).sum().backward()
+        return torch.cat([chosen, rejected]).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref, ref_grads = scores_and_grads(collate_pairs(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id))
+    for pack in (False, True):
+        batch = collate_pairs_shared_prefix(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id, pack=pack)
+        got, grads = scores_and_grads(batch)
+        assert torch.allclose(got, ref, atol=1e-5), (family, attn, pack, got, ref)
+        assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in grads), (family, attn, pack)
+    # The mask is what keeps the suffixes apart: letting rejected see chosen changes scores.
+    batch = collate_pairs_shared_prefix(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id, pack=False)
+    width = batch["input_ids"].shape[1]
+    batch["attention_mask"] = batch["attention_mask"] | torch.ones(width, width, dtype=torch.bool).tril()
+    with torch.no_grad():
+        leaky = torch.cat(pair_scores(model, batch, "cpu"))
+    assert not torch.allclose(leaky, ref, atol=1e-4)
+
+
+def test_shared_prefix_refuses_unknown_families_and_other_attention(tmp_path):
+    from rlhf.config import ConfigError, RMConfig, load_stage_config
+    from rlhf.trainers.reward import check_shared_prefix_supported
+
+    with pytest.raises(ValueError, match="reward.shared_prefix: model type 'bloom' is not known"):
+        check_shared_prefix_supported("bloom")
+    (tmp_path / "p.jsonl").write_text("")
+    base = [f"output_dir={tmp_path}", "model.arch={model_type: llama}", f"data.path={tmp_path / 'p.jsonl'}"]
+    with pytest.raises(ConfigError, match="model.attn_implementation: reward.shared_prefix needs a custom"):
+        load_stage_config(RMConfig, None, [*base, "model.attn_implementation=flash_attention_2"])
+    load_stage_config(RMConfig, None, [*base, "model.attn_implementation=flash_attention_2",
+                                       "reward.shared_prefix=false"])
+    with pytest.raises(ConfigError, match="data.packing: packing pairs side by side in rows needs"):
+        load_stage_config(RMConfig, None, [*base, "data.packing=true", "reward.shared_prefix=false"])

@@ -127,7 +127,9 @@ class DataConfig:
     drops the sample. RM: `left` cuts the prompt from its start, `drop` drops the pair.
     A sample whose prompt alone does not fit is always dropped and counted."""
     packing: bool = False
-    """Pack several SFT samples into each sequence; attention never crosses samples."""
+    """Pack several samples into each sequence; attention never crosses samples. SFT:
+    samples joined up to max_length. RM (with reward.shared_prefix): each micro-batch's
+    pairs placed side by side in rows as wide as its longest pair."""
     skip_bad_rows: bool = False
     """Skip malformed rows (and report how many) instead of stopping at the first one."""
     max_samples: int | None = None

@@ -78,6 +78,14 @@ class RewardOptions:
     use_margin: bool = True
     """Subtract a row's `margin` field (when the data has one) inside the loss:
     -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin loss)."""
+    shared_prefix: bool = True
+    """Compute the tokens a pair's chosen and rejected sequences share (the prompt, and
+    any equal leading response tokens) once per pair instead of twice: one sequence
+    `prefix + chosen suffix + rejected suffix` with a mask that keeps the suffixes apart.
+    Scores and gradients are those of the separate sequences. Needs a model family known
+    to honour custom attention masks and position ids (SHARED_PREFIX_MODEL_TYPES in
+    rlhf/trainers/reward.py) and sdpa or eager attention; false scores chosen and
+    rejected as separate padded rows."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.centering_coef >= 0, "centering_coef", f"must be >= 0, got {self.centering_coef}")
@@ -99,7 +107,12 @@ class RMConfig(BaseStageConfig):
         v.sub("model", self.model)
         v.sub("optim", self.optim)
         v.sub("reward", self.reward)
-        v.check(not self.data.packing, "data.packing", "packing is for SFT only")
+        v.check(not self.data.packing or self.reward.shared_prefix, "data.packing",
+                "packing pairs side by side in rows needs reward.shared_prefix=true (its attention mask)")
+        if self.reward.shared_prefix:
+            v.check(self.model.attn_implementation in (None, "sdpa", "eager"), "model.attn_implementation",
+                    f"reward.shared_prefix needs a custom attention mask, which sdpa and eager take and "
+                    f"{self.model.attn_implementation} does not; use sdpa or set reward.shared_prefix=false")
 
 
 @dataclass

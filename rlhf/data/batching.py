@@ -111,6 +111,83 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def collate_pairs_shared_prefix(examples: list[dict], pad_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
+    """Pairs laid out so that the tokens chosen and rejected share are computed once.
+
+    In a causal model the hidden states of a common prefix (the prompt, and any equal
+    leading response tokens) do not depend on what follows, so a pair is one segment
+    `prefix + chosen suffix + rejected suffix`, both suffixes positioned right after
+    the prefix, with a mask that lets each suffix see the prefix and itself but not
+    the other suffix. Scores, and their gradients, are those of the two separate
+    sequences; the model just does not compute the prefix twice. With `pack`, segments
+    are also placed side by side in rows (first fit, in order, rows as wide as the
+    longest segment) and the mask keeps segments apart, so little is spent on padding.
+
+    Returns `input_ids` and `position_ids` `(R, T)`, a boolean `attention_mask`
+    `(R, 1, T, T)` (True: may attend), `chosen_index` and `rejected_index` `(B, 2)`
+    (row, column of each sequence's last token) and `margin` `(B,)`.
+    """
+    segments = []  # (ids, positions, branch, chosen_end, rejected_end), ends relative to the segment
+    for e in examples:
+        c, r = e["chosen_ids"], e["rejected_ids"]
+        k = common_prefix_length(c, r)
+        cs, rs = c[k:], r[k:]
+        ids = c[:k] + cs + rs
+        positions = list(range(k)) + list(range(k, len(c))) + list(range(k, len(r)))
+        branch = [0] * k + [1] * len(cs) + [2] * len(rs)
+        # An empty suffix (one sequence is a prefix of the other) ends on the prefix.
+        chosen_end = len(c) - 1
+        rejected_end = k + len(cs) + len(rs) - 1 if rs else k - 1
+        segments.append((ids, positions, branch, chosen_end, rejected_end))
+    width = max(len(s[0]) for s in segments)
+    rows: list[list[int]] = []  # segment indices per row
+    fill: list[int] = []
+    starts = [0] * len(segments)
+    for i, seg in enumerate(segments):
+        n = len(seg[0])
+        row = next((j for j in range(len(rows)) if fill[j] + n <= width), None) if pack else None
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        starts[i] = fill[row]
+        rows[row].append(i)
+        fill[row] += n
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)
+    seg_id = np.full((len(rows), width), -1, dtype=np.int64)  # -1: padding
+    branch = np.zeros((len(rows), width), dtype=np.int64)
+    chosen_index = np.zeros((len(segments), 2), dtype=np.int64)
+    rejected_index = np.zeros((len(segments), 2), dtype=np.int64)
+    for r, members in enumerate(rows):
+        for i in members:
+            seg_ids, seg_pos, seg_branch, c_end, r_end = segments[i]
+            a, b = starts[i], starts[i] + len(seg_ids)
+            ids[r, a:b], pos[r, a:b], branch[r, a:b], seg_id[r, a:b] = seg_ids, seg_pos, seg_branch, i
+            chosen_index[i] = (r, a + c_end)
+            rejected_index[i] = (r, a + r_end)
+    seg_t, branch_t = torch.from_numpy(seg_id), torch.from_numpy(branch)
+    same_segment = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] >= 0)
+    visible_branch = (branch_t[:, None, :] == 0) | (branch_t[:, :, None] == branch_t[:, None, :])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = same_segment & visible_branch & causal
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
+    return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos),
+            "attention_mask": mask[:, None], "chosen_index": torch.from_numpy(chosen_index),
+            "rejected_index": torch.from_numpy(rejected_index),
+            "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
+
+
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts `(B, P)` for generation: every row's last prompt token is at
     the same column, so generated tokens line up."""

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import RMConfig
-from rlhf.data.batching import collate_pairs
+from rlhf.data.batching import collate_pairs, collate_pairs_shared_prefix
 from rlhf.losses import pairwise_loss, reward_centering_loss
-from rlhf.models import ScalarModel, apply_lora, load_scalar_model, save_pretrained, sequence_scores
+from rlhf.models import ScalarModel, apply_lora, load_scalar_model, model_type, pair_scores, save_pretrained
 from rlhf.trainers.base import Trainer
 
 
@@ -23,6 +23,8 @@ class RewardTrainer(Trainer):
 
     def build_models(self) -> None:
         cfg, bb = self.cfg, self.backbone
+        if cfg.reward.shared_prefix:
+            check_shared_prefix_supported(model_type(cfg.model))
         with bb.model_init(cfg.deepspeed):
             model = load_scalar_model(cfg.model, self.tokenizer, self.dtype)
         model = ScalarModel(apply_lora(model, cfg.model.lora, "SEQ_CLS"))
@@ -31,14 +33,13 @@ class RewardTrainer(Trainer):
         self.engines = {"reward": self.reward}
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.cfg.reward.shared_prefix:
+            return collate_pairs_shared_prefix(examples, self.tokenizer.pad_token_id, pack=self.cfg.data.packing)
         return collate_pairs(examples, self.tokenizer.pad_token_id)
 
     def scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) scores `(B,)` from one forward pass over both halves."""
-        dev = self.backbone.device
-        s = sequence_scores(self.reward, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        half = s.shape[0] // 2
-        return s[:half], s[half:]
+        """(chosen, rejected) scores `(B,)` from one forward pass over the pairs."""
+        return pair_scores(self.reward, batch, self.backbone.device)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, chosen scores, rejected scores) of one micro-batch; the loss is the pair mean."""
@@ -104,3 +105,15 @@ class RewardTrainer(Trainer):
         state = self.backbone.full_state_dict(self.reward.module)
         if self.backbone.is_main:
             save_pretrained(self.reward.module, state, self.tokenizer, out_dir)
+
+
+def check_shared_prefix_supported(model_type: str) -> None:
+    """reward.shared_prefix relies on the model taking a custom 4D attention mask and
+    explicit position ids as given; tests/test_models.py checks these families."""
+    if model_type not in SHARED_PREFIX_MODEL_TYPES:
+        raise ValueError(f"reward.shared_prefix: model type {model_type!r} is not known to honour custom "
+                         f"attention masks (supported: {', '.join(sorted(SHARED_PREFIX_MODEL_TYPES))}); "
+                         "set reward.shared_prefix=false")
+
+
+SHARED_PREFIX_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2", "opt"}

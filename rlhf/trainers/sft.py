@@ -11,7 +11,7 @@ import torch
 from rlhf.config import SFTConfig
 from rlhf.data.batching import collate_sft
 from rlhf.losses import lm_loss
-from rlhf.models import apply_lora, load_causal_lm, save_pretrained
+from rlhf.models import apply_lora, load_causal_lm, model_type, save_pretrained
 from rlhf.trainers.base import Trainer
 
 
@@ -24,7 +24,7 @@ class SFTTrainer(Trainer):
     def build_models(self) -> None:
         cfg, bb = self.cfg, self.backbone
         if cfg.data.packing:
-            check_packing_supported(cfg.model.arch.get("model_type") if cfg.model.arch else None, cfg)
+            check_packing_supported(model_type(cfg.model))
         with bb.model_init(cfg.deepspeed):
             model = load_causal_lm(cfg.model, self.tokenizer, self.dtype)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
@@ -110,16 +110,11 @@ def first_target(loss_mask: torch.Tensor) -> int:
     return int(has.nonzero()[0]) + 1 if has.any() else loss_mask.shape[1] - 1
 
 
-def check_packing_supported(model_type: str | None, cfg: SFTConfig) -> None:
+def check_packing_supported(model_type: str) -> None:
     """Packing relies on transformers building a block-diagonal mask from position_ids
     (when no attention mask is given). OPT, for one, builds its mask without them, so
     packed samples would attend to each other: models outside this list, which is what
     tests/test_models.py checks, are refused rather than trained wrongly."""
-    from transformers import AutoConfig
-
-    if model_type is None:
-        model_type = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
-                                                ).model_type
     if model_type not in PACKING_MODEL_TYPES:
         raise ValueError(f"data.packing: model type {model_type!r} is not known to keep packed samples apart "
                          f"(supported: {', '.join(sorted(PACKING_MODEL_TYPES))}); set data.packing=false")
