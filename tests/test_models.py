@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import PACKING_ARCHS, TINY_ARCHS
-from rlhf.config import DataConfig, LoraConfig, ModelConfig, SFTConfig
+from rlhf.config import LoraConfig, ModelConfig
 from rlhf.data.batching import collate_pairs, collate_pairs_shared_prefix, collate_sft, pack
 from rlhf.losses import lm_loss
 from rlhf.trainers.sft import PACKING_MODEL_TYPES, check_packing_supported
@@ -138,11 +138,11 @@ def test_shared_prefix_scores_and_gradients_equal_separate_rows(family, attn, to
         return torch.cat([chosen, rejected]).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref, ref_grads = scores_and_grads(collate_pairs(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id))
-    for pack in (False, True):
-        batch = collate_pairs_shared_prefix(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id, pack=pack)
+    for packed in (False, True):
+        batch = collate_pairs_shared_prefix(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id, pack=packed)
         got, grads = scores_and_grads(batch)
-        assert torch.allclose(got, ref, atol=1e-5), (family, attn, pack, got, ref)
-        assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in grads), (family, attn, pack)
+        assert torch.allclose(got, ref, atol=1e-5), (family, attn, packed, got, ref)
+        assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in grads), (family, attn, packed)
     # The mask is what keeps the suffixes apart: letting rejected see chosen changes scores.
     batch = collate_pairs_shared_prefix(SHARED_PREFIX_PAIRS, tokenizer.pad_token_id, pack=False)
     width = batch["input_ids"].shape[1]
