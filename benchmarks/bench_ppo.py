@@ -46,7 +46,7 @@ def child_ours(spec: dict) -> None:
         "ppo.missing_eos_penalty=1.0", f"policy.optim.lr={spec['lr']}", f"value.optim.lr={spec['lr']}",
         "policy.optim.scheduler=linear", "value.optim.scheduler=linear", "sample_every=0",
         "logging.progress_bar=false", *precision_overrides(spec["precision"]), f"seed={spec['seed']}",
-        f"train.log_every={spec['steps']}"])
+        f"train.log_every={spec['steps']}", *spec.get("ours", [])])
     trainer = PPOTrainer(cfg)
     trainer.setup()
     trainer.resume()
@@ -102,7 +102,7 @@ def main() -> None:
     spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
     spec.update(work=str(work), steps=args.steps, rollout=args.rollout, micro=args.micro,
                 ppo_epochs=args.ppo_epochs, response_length=args.response_length, lr=args.lr, seed=42,
-                precision=args.precision, device="cuda" if torch.cuda.is_available() else "cpu")
+                precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["episodes_per_s", "train_s"]
     result = compare(__file__, spec, args.repeats, keys)
     result["table"] = table(result, keys, "episodes_per_s")

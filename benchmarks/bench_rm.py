@@ -11,6 +11,7 @@ Measured: pairs per second over the training loop only, the child's peak RSS, an
 held-out accuracy of the trained model on the same pairs, by one function for both.
 
     python benchmarks/bench_rm.py --out benchmarks/results/rm_cpu.json
+    python benchmarks/bench_rm.py --ours reward.shared_prefix=false   # ablation: pairs as separate rows
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
     work = Path(args.work) / f"rm-h{args.hidden}-l{args.layers}"
     spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
-                warmup=10, log_every=50, seed=42, precision=args.precision,
+                warmup=10, log_every=50, seed=42, precision=args.precision, ours=args.ours,
                 device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["pairs_per_s", "train_s", "accuracy"]
     result = compare(__file__, spec, args.repeats, keys)

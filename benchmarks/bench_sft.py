@@ -121,7 +121,7 @@ def main() -> None:
                                           args.long)
         spec["sft_eval"] = long_sft_rows(spec["sft_eval"], work / f"long{args.long}_eval.jsonl", 100, args.long, 1)
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
-                warmup=10, log_every=50, seed=42, precision=args.precision,
+                warmup=10, log_every=50, seed=42, precision=args.precision, ours=args.ours,
                 device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["tokens_per_s", "train_s", "eval_loss"]
     result = compare(__file__, spec, args.repeats, keys)

@@ -115,7 +115,7 @@ def supervised_overrides(spec: dict, model: str, data: str) -> list[str]:
         f"train.epochs={spec['epochs']}", f"train.log_every={spec['log_every']}", f"optim.lr={spec['lr']}",
         "optim.scheduler=linear", f"optim.warmup_steps={spec['warmup']}", "optim.weight_decay=0.0",
         "optim.betas=[0.9, 0.95]", "optim.max_grad_norm=1.0", "model.dropout=0.0", "logging.progress_bar=false",
-        *precision_overrides(spec["precision"]), f"seed={spec['seed']}"]
+        *precision_overrides(spec["precision"]), f"seed={spec['seed']}", *spec.get("ours", [])]
 
 
 def long_sft_rows(src: str, dst: Path, n: int, per_row: int, seed: int = 0) -> str:
@@ -157,6 +157,33 @@ def run_child(script: str, who: str, spec: dict) -> dict:
     return result
 
 
+def host() -> dict:
+    """The machine a result was measured on: ratios between frameworks move with the CPU
+    (how much of a step is arithmetic both share, how much per-op overhead)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), "x86_64"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "simd": sorted(f for f in flags if f.startswith(("avx", "amx")))}
+    try:
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return out
+
+
 def compare(script: str, spec: dict, repeats: int, keys: list[str]) -> dict:
     """Run ours and TRL alternately `repeats` times; medians of `keys` per framework."""
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
@@ -167,7 +194,7 @@ def compare(script: str, spec: dict, repeats: int, keys: list[str]) -> dict:
             print(f"  run {i + 1} {who}: " + ", ".join(f"{k}={r[k]:.4g}" for k in keys if k in r), flush=True)
     med = {who: {k: statistics.median(r[k] for r in rs) for k in keys + ["peak_rss_mb"] if k in rs[0]}
            for who, rs in runs.items()}
-    return {"median": med, "runs": runs, "spec": spec}
+    return {"median": med, "runs": runs, "spec": spec, "host": host()}
 
 
 def table(result: dict, keys: list[str], ratio_key: str) -> str:
@@ -191,6 +218,9 @@ def parent_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra override for our config (repeatable), for ablations, "
+                        "e.g. --ours reward.shared_prefix=false")
     return p
 
 
