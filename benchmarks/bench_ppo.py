@@ -23,7 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from common import compare, emit, model_arch, parent_args, precision_overrides, prepare, save, table, timed
+from common import (compare, emit, parent_args, ppo_shape_args, precision_overrides, prepare_ppo, save, table,
+                    timed)
 
 
 def emit_episodes(spec: dict, seconds: float) -> None:
@@ -84,11 +85,8 @@ def child_trl(spec: dict) -> None:
 
 def main() -> None:
     p = parent_args(__doc__)
-    p.add_argument("--steps", type=int, default=20, help="PPO steps (rollout batches)")
-    p.add_argument("--rollout", type=int, default=64)
-    p.add_argument("--micro", type=int, default=32)
+    ppo_shape_args(p, steps=20)
     p.add_argument("--ppo-epochs", type=int, default=2)
-    p.add_argument("--response-length", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
@@ -98,8 +96,7 @@ def main() -> None:
         return
     import torch
 
-    work = Path(args.work) / f"ppo-h{args.hidden}-l{args.layers}"
-    spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    work, spec = prepare_ppo(args)
     spec.update(work=str(work), steps=args.steps, rollout=args.rollout, micro=args.micro,
                 ppo_epochs=args.ppo_epochs, response_length=args.response_length, lr=args.lr, seed=42,
                 precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")

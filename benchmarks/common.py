@@ -208,15 +208,34 @@ def table(result: dict, keys: list[str], ratio_key: str) -> str:
     return "\n".join(lines)
 
 
+def model_args(p: argparse.ArgumentParser, hidden: int = 128, layers: int = 2) -> None:
+    """The scratch directory and the size of the Llama-style model a benchmark builds."""
+    p.add_argument("--work", default="/tmp/rlhf-bench", help="scratch directory (data, models, runs)")
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=4)
+
+
+def ppo_shape_args(p: argparse.ArgumentParser, steps: int) -> None:
+    """The PPO benchmark's step layout: prompts per rollout, micro-batch, response length."""
+    p.add_argument("--steps", type=int, default=steps, help="PPO steps (rollout batches)")
+    p.add_argument("--rollout", type=int, default=64)
+    p.add_argument("--micro", type=int, default=32)
+    p.add_argument("--response-length", type=int, default=24)
+
+
+def prepare_ppo(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
+    """The PPO scripts' scratch directory and files (one per model size, shared by them)."""
+    work = Path(args.work) / f"ppo-h{args.hidden}-l{args.layers}"
+    return work, prepare(work, model_arch(args.hidden, args.layers, args.heads))
+
+
 def parent_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--child", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--work", default="/tmp/rlhf-bench", help="scratch directory (data, models, runs)")
+    model_args(p)
     p.add_argument("--repeats", type=int, default=3, help="runs per framework (median reported)")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra override for our config (repeatable), for ablations, "

@@ -20,19 +20,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import host, model_arch, prepare  # noqa: E402
+from common import host, model_args, ppo_shape_args, prepare_ppo, save  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--work", default="/tmp/rlhf-bench")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--rollout", type=int, default=64)
-    p.add_argument("--micro", type=int, default=32)
-    p.add_argument("--response-length", type=int, default=24)
-    p.add_argument("--steps", type=int, default=10)
+    model_args(p)
+    ppo_shape_args(p, steps=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -43,8 +37,7 @@ def main() -> None:
     from rlhf.data.batching import pad
     from rlhf.models import load_tokenizer, position_ids_from_mask
 
-    spec = prepare(Path(args.work) / f"ppo-h{args.hidden}-l{args.layers}",
-                   model_arch(args.hidden, args.layers, args.heads))
+    _, spec = prepare_ppo(args)
     tok = load_tokenizer(TokenizerConfig(path=spec["tokenizer"]))
     policy = AutoModelForCausalLM.from_pretrained(spec["model"])
     ref = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
@@ -89,8 +82,7 @@ def main() -> None:
     result = {"episodes_per_s": args.steps * args.rollout / seconds, "seconds": seconds, "steps": args.steps,
               "host": host()}
     print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import model_arch, precision_overrides, prepare  # noqa: E402
+from common import model_args, ppo_shape_args, precision_overrides, prepare_ppo  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--work", default="/tmp/rlhf-bench")
-p.add_argument("--hidden", type=int, default=128)
-p.add_argument("--layers", type=int, default=2)
-p.add_argument("--heads", type=int, default=4)
-p.add_argument("--rollout", type=int, default=64)
-p.add_argument("--micro", type=int, default=32)
-p.add_argument("--response-length", type=int, default=24)
-p.add_argument("--steps", type=int, default=6)
+model_args(p)
+ppo_shape_args(p, steps=6)
 p.add_argument("--precision", default="fp32")
 args = p.parse_args()
 
@@ -30,7 +24,7 @@ import torch  # noqa: E402
 from rlhf.config import PPOConfig, load_stage_config  # noqa: E402
 from rlhf.trainers.ppo import PPOTrainer  # noqa: E402
 
-spec = prepare(Path(args.work) / f"ppo-h{args.hidden}-l{args.layers}", model_arch(args.hidden, args.layers, args.heads))
+_, spec = prepare_ppo(args)
 cfg = load_stage_config(PPOConfig, None, [
     f"output_dir={args.work}/profile-{time.time_ns()}", f"tokenizer.path={spec['tokenizer']}",
     f"policy.model.path={spec['model']}", f"value.model.path={spec['rm_model']}",
