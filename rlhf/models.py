@@ -54,6 +54,14 @@ def model_type(cfg: ModelConfig) -> str:
     return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code).model_type
 
 
+def require_model_type(model_type: str, supported: set[str], key: str, ability: str) -> None:
+    """Refuse, naming the config key that turns the feature off, a model family not known
+    (tested) to have the `ability` a feature relies on."""
+    if model_type not in supported:
+        raise ValueError(f"{key}: model type {model_type!r} is not known to {ability} "
+                         f"(supported: {', '.join(sorted(supported))}); set {key}=false")
+
+
 def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None):
     from transformers import AutoConfig
 
@@ -190,11 +198,12 @@ class ScalarModel(nn.Module):
 def custom_attention_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     """A boolean `(B, 1, T, T)` mask in the form the model's attention takes as-is:
     boolean for SDPA, additive (0 or the dtype's minimum) for eager attention."""
-    impl = unwrap(model).config._attn_implementation
+    hf = unwrap(model)
+    impl = hf.config._attn_implementation
     if impl == "sdpa":
         return allowed
     if impl == "eager":
-        dtype = unwrap(model).dtype
+        dtype = hf.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     raise ValueError(f"attention implementation {impl!r} does not take a custom 4D mask; "

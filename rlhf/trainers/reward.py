@@ -11,7 +11,8 @@ import torch
 from rlhf.config import RMConfig
 from rlhf.data.batching import collate_pairs, collate_pairs_shared_prefix
 from rlhf.losses import pairwise_loss, reward_centering_loss
-from rlhf.models import ScalarModel, apply_lora, load_scalar_model, model_type, pair_scores, save_pretrained
+from rlhf.models import (ScalarModel, apply_lora, load_scalar_model, model_type, pair_scores, require_model_type,
+                         save_pretrained)
 from rlhf.trainers.base import Trainer
 
 
@@ -110,10 +111,8 @@ class RewardTrainer(Trainer):
 def check_shared_prefix_supported(model_type: str) -> None:
     """reward.shared_prefix relies on the model taking a custom 4D attention mask and
     explicit position ids as given; tests/test_models.py checks these families."""
-    if model_type not in SHARED_PREFIX_MODEL_TYPES:
-        raise ValueError(f"reward.shared_prefix: model type {model_type!r} is not known to honour custom "
-                         f"attention masks (supported: {', '.join(sorted(SHARED_PREFIX_MODEL_TYPES))}); "
-                         "set reward.shared_prefix=false")
+    require_model_type(model_type, SHARED_PREFIX_MODEL_TYPES, "reward.shared_prefix",
+                       "honour custom attention masks")
 
 
 SHARED_PREFIX_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2", "opt"}

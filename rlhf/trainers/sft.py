@@ -11,7 +11,7 @@ import torch
 from rlhf.config import SFTConfig
 from rlhf.data.batching import collate_sft
 from rlhf.losses import lm_loss
-from rlhf.models import apply_lora, load_causal_lm, model_type, save_pretrained
+from rlhf.models import apply_lora, load_causal_lm, model_type, require_model_type, save_pretrained
 from rlhf.trainers.base import Trainer
 
 
@@ -115,9 +115,7 @@ def check_packing_supported(model_type: str) -> None:
     (when no attention mask is given). OPT, for one, builds its mask without them, so
     packed samples would attend to each other: models outside this list, which is what
     tests/test_models.py checks, are refused rather than trained wrongly."""
-    if model_type not in PACKING_MODEL_TYPES:
-        raise ValueError(f"data.packing: model type {model_type!r} is not known to keep packed samples apart "
-                         f"(supported: {', '.join(sorted(PACKING_MODEL_TYPES))}); set data.packing=false")
+    require_model_type(model_type, PACKING_MODEL_TYPES, "data.packing", "keep packed samples apart")
 
 
 PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2"}
