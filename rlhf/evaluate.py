@@ -19,13 +19,14 @@ import torch
 from rlhf.data.batching import collate_prompts, pad
 from rlhf.losses import masked_sum
 from rlhf.models import ScalarModel, sequence_scores
-from rlhf.rollout import end_at_eos, full_sequence, response_logprobs
+from rlhf.rollout import end_at_eos, full_sequence, response_logprobs, sample_responses
 
 
 @dataclass
 class Sampling:
     max_new_tokens: int = 64
-    temperature: float = 1.0
+    min_new_tokens: int = 0
+    temperature: float = 1.0  # 0: greedy
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 64
@@ -57,13 +58,9 @@ def sample(model, tokenizer, prompts: list[str], s: Sampling) -> tuple[torch.Ten
         b = collate_prompts([{"prompt_ids": ids} for ids in prompt_ids[i:i + s.batch_size]],
                             tokenizer.pad_token_id)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        out = model.generate(input_ids=b["input_ids"].to(model.device),
-                             attention_mask=b["attention_mask"].to(model.device),
-                             do_sample=s.temperature > 0, temperature=s.temperature or None,
-                             top_k=s.top_k or None, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             suppress_tokens=[tokenizer.pad_token_id])
-        batches.append((b["input_ids"], b["attention_mask"], out[:, b["input_ids"].shape[1]:].cpu()))
+        out, _ = sample_responses(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device), s,
+                                  tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=s.temperature == 0)
+        batches.append((b["input_ids"], b["attention_mask"], out.cpu()))
     P = max(x[0].shape[1] for x in batches)
     R = max(x[2].shape[1] for x in batches)
     pad = tokenizer.pad_token_id

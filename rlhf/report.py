@@ -32,8 +32,9 @@ def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) ->
     r = ppo_cfg.rollout
     cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", cfgs["ppo"].policy.model.path,
                            ppo_cfg.reward.model.path, held_out_prompts(ppo_cfg),
-                           Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                                    top_p=r.top_p, seed=ppo_cfg.seed), gold=gold)
+                           Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
+                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed),
+                           gold=gold)
     return {
         "sft": {"eval_perplexity": sft.get("eval/perplexity"), "eval_loss": sft.get("eval/loss")},
         "rm": {"eval_accuracy": rm.get("eval/accuracy"), "eval_margin": rm.get("eval/margin")},

@@ -11,7 +11,8 @@ from conftest import TINY_ARCHS
 from rlhf.config import ModelConfig, PPOConfig, RolloutConfig, DeepSpeedConfig, load_stage_config
 from rlhf.losses import last_action_index
 from rlhf.models import load_causal_lm, load_scalar_model
-from rlhf.rollout import action_mask_from_response, generate
+from rlhf.rollout import (action_mask_from_response, end_at_eos, full_sequence, generate, response_logprobs,
+                          sample_from_scores, sample_responses)
 from rlhf.trainers.ppo import PPOTrainer
 from test_distributed import run_two_ranks
 
@@ -53,6 +54,119 @@ def test_action_mask_from_positions():
     # up to and including the first EOS; a row without EOS is all action
     assert action_mask_from_response(resp, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1],
                                                              [1, 0, 0, 0, 0]]
+
+
+def test_sample_from_scores_draws_the_softmax():
+    scores = torch.tensor([[2.0, 0.0, float("-inf"), -1.0, 1.0], [0.0, 0.0, 0.0, float("-inf"), float("-inf")]])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    draws = sample_from_scores(scores.repeat_interleave(n, 0), g).view(2, n)
+    for row, d in zip(scores, draws):
+        p = torch.softmax(row, -1)
+        freq = torch.bincount(d, minlength=5).double() / n
+        assert (freq[p == 0] == 0).all()  # -inf is never drawn
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-4).all(), (freq, p)
+
+
+def prompt_batch(tokenizer, nouns=("apple", "stone", "garden", "city", "river", "song")):
+    from rlhf.data.batching import collate_prompts
+
+    rows = [{"prompt_ids": tokenizer(f"Describe the {n}{' and the road' * (i % 3)}.\n")["input_ids"]}
+            for i, n in enumerate(nouns)]
+    return collate_prompts(rows, tokenizer.pad_token_id)
+
+
+def test_generated_tokens_follow_the_settings(models, tokenizer):
+    """The first sampled token is distributed as softmax(logits / T) with pad removed and
+    top-k applied; min_new_tokens holds EOS back; greedy is the argmax."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models / "policy").eval()
+    b = prompt_batch(tokenizer, ("apple",))
+    n = 20000
+    ids, mask = b["input_ids"].repeat(n, 1), b["attention_mask"].repeat(n, 1)
+    torch.manual_seed(0)
+    settings = RolloutConfig(max_new_tokens=1, temperature=0.5, top_k=4)
+    first, _ = sample_responses(model, ids, mask, settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[0, -1] / 0.5
+    logits[tokenizer.pad_token_id] = float("-inf")
+    top = logits.topk(4).indices
+    p = torch.zeros_like(logits)
+    p[top] = torch.softmax(logits[top], -1)
+    freq = torch.bincount(first[:, 0], minlength=len(p)).double() / n
+    assert set(first[:, 0].unique().tolist()) <= set(top.tolist())
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-4).all()
+
+    b = prompt_batch(tokenizer)
+    greedy, _ = sample_responses(model, b["input_ids"], b["attention_mask"], RolloutConfig(max_new_tokens=3),
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    with torch.no_grad():
+        ref = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False,
+                             max_new_tokens=3, pad_token_id=tokenizer.pad_token_id,
+                             suppress_tokens=[tokenizer.pad_token_id])
+    assert torch.equal(greedy, ref[:, b["input_ids"].shape[1]:])
+
+    # EOS made likely, then held back for the first 4 tokens
+    class EosFirst(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, hidden):
+            logits = self.head(hidden)
+            logits[..., tokenizer.eos_token_id] += 100.0
+            return logits
+
+    model.lm_head = EosFirst(model.lm_head)
+    out, _ = sample_responses(model, b["input_ids"], b["attention_mask"],
+                              RolloutConfig(max_new_tokens=8, min_new_tokens=4), tokenizer.eos_token_id,
+                              tokenizer.pad_token_id)
+    assert (out[:, :4] != tokenizer.eos_token_id).all() and (out[:, 4] == tokenizer.eos_token_id).all()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=3)])
+def test_logprobs_from_generation_equal_a_forward_pass(models, tokenizer, backbone, settings):
+    from rlhf.config import OptimConfig
+
+    model = load_causal_lm(ModelConfig(path=str(models / "policy")), tokenizer)
+    engine = backbone.wrap(model, DeepSpeedConfig(zero_stage=0), OptimConfig(lr=1e-4))
+    b = prompt_batch(tokenizer)
+    cfg = RolloutConfig(max_new_tokens=12, micro_batch_size=4, **settings)  # two generate calls
+    torch.manual_seed(0)
+    response, action_mask, logprobs = generate(engine, b["input_ids"], b["attention_mask"], cfg, tokenizer, 0,
+                                               with_logprobs=True)
+    ids, mask = full_sequence(b["input_ids"], b["attention_mask"], response, action_mask)
+    with torch.no_grad():
+        forward = response_logprobs(engine.module, ids, mask, b["input_ids"].shape[1], cfg.temperature)
+    assert (logprobs[action_mask == 0] == 0).all()
+    assert torch.allclose(logprobs, forward * action_mask, atol=1e-5)
+
+
+def test_model_generation_config_does_not_change_rollouts(models, tokenizer, tmp_path):
+    """A hub model's generation_config.json (repetition penalty, banned words, ...) must not
+    change what PPO samples; the model keeps it for export."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    plain = AutoModelForCausalLM.from_pretrained(models / "policy").eval()
+    b = prompt_batch(tokenizer)
+    before, _ = sample_responses(plain, b["input_ids"], b["attention_mask"], RolloutConfig(max_new_tokens=8),
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    hub = GenerationConfig(repetition_penalty=50.0, no_repeat_ngram_size=1, bad_words_ids=[[int(before[0, 0])]],
+                           top_k=3, temperature=0.2, do_sample=True)
+    plain.generation_config = hub
+    after, _ = sample_responses(plain, b["input_ids"], b["attention_mask"], RolloutConfig(max_new_tokens=8),
+                                tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    assert torch.equal(before, after)
+    assert plain.generation_config is hub
+
+
+def test_ppo_with_logprobs_from_generation(tmp_path, models, task_dir, backbone):
+    cfg = ppo_cfg(tmp_path / "out", models, task_dir, "train.max_steps=2", "rollout.logprobs_from_generation=true",
+                  "rollout.micro_batch_size=8", "rollout.min_new_tokens=2", "sample_every=0")
+    PPOTrainer(cfg, backbone).fit()
+    rows = [r for r in metrics(tmp_path / "out") if "ppo/score" in r]
+    assert len(rows) == 2 and all(abs(r["ppo/ratio_at_start"] - 1) < 1e-5 for r in rows)
 
 
 class Recording(PPOTrainer):

@@ -143,6 +143,13 @@ class RolloutConfig:
     """Sample from the k most likely tokens only; 0 turns it off."""
     top_p: float = 1.0
     """Nucleus sampling; 1.0 turns it off."""
+    logprobs_from_generation: bool = False
+    """Take the policy's log-probs of the sampled tokens (PPO's "old" log-probs) from
+    the logits generation computed anyway, instead of one more forward pass of the
+    policy over every rollout (as TRL's PPOTrainer does). In fp32 they equal that
+    pass's up to rounding (ppo/ratio_at_start stays within 1e-5 of 1); in bf16/fp16
+    the cached decode rounds differently from a full forward, so ppo/ratio_at_start
+    moves off 1 by that rounding."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")

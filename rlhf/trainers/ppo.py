@@ -201,16 +201,19 @@ class PPOTrainer(Trainer):
         dev = self.backbone.device
         batch = collate_prompts(prompts, self.tokenizer.pad_token_id)
         prompt_ids, prompt_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-        response, action_mask = generate(self.policy, prompt_ids, prompt_mask, self.cfg.rollout, self.tokenizer,
-                                         self.cfg.role_deepspeed("policy").zero_stage)
+        rollout = self.cfg.rollout
+        response, action_mask, logprobs = generate(self.policy, prompt_ids, prompt_mask, rollout, self.tokenizer,
+                                                   self.cfg.role_deepspeed("policy").zero_stage,
+                                                   with_logprobs=rollout.logprobs_from_generation)
         logprobs, ref_logprobs, values, scores = self.score_responses(prompt_ids, prompt_mask, response,
-                                                                      action_mask)
+                                                                      action_mask, logprobs)
         return Experience(prompt_ids, prompt_mask, response, action_mask, logprobs, ref_logprobs, values, scores,
                           [p["prompt"] for p in prompts])
 
     @torch.no_grad()
-    def score_responses(self, prompt_ids, prompt_mask, response, action_mask):
-        """Policy and reference log-probs, values `(B, R)` and reward scores `(B,)`, batched."""
+    def score_responses(self, prompt_ids, prompt_mask, response, action_mask, logprobs=None):
+        """Policy and reference log-probs, values `(B, R)` and reward scores `(B,)`, batched.
+        The policy's pass is skipped when its log-probs came with the responses."""
         input_ids, attention_mask = full_sequence(prompt_ids, prompt_mask, response, action_mask)
         P, T = prompt_ids.shape[1], self.cfg.rollout.temperature
         chunk = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
@@ -220,12 +223,15 @@ class PPOTrainer(Trainer):
         with torch_linear():
             for i in range(0, input_ids.shape[0], chunk):
                 ids, mask = input_ids[i:i + chunk], attention_mask[i:i + chunk]
-                out["logprobs"].append(response_logprobs(self.policy, ids, mask, P, T))
+                if logprobs is None:
+                    out["logprobs"].append(response_logprobs(self.policy, ids, mask, P, T))
                 out["ref"].append(response_logprobs(self.ref_policy, ids, mask, P, T))
                 out["values"].append(response_values(self.value, ids, mask, P))
                 out["scores"].append(sequence_scores(self.reward, ids, mask))
         self.policy.train()
         self.value.train()
+        if logprobs is not None:
+            out["logprobs"] = [logprobs]
         return tuple(torch.cat(out[k]) for k in ("logprobs", "ref", "values", "scores"))
 
     # ------------------------------------------------------------------ 2. rewards
