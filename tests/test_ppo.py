@@ -11,7 +11,7 @@ from conftest import TINY_ARCHS
 from rlhf.config import ModelConfig, PPOConfig, RolloutConfig, DeepSpeedConfig, load_stage_config
 from rlhf.losses import last_action_index
 from rlhf.models import load_causal_lm, load_scalar_model
-from rlhf.rollout import (action_mask_from_response, end_at_eos, full_sequence, generate, response_logprobs,
+from rlhf.rollout import (action_mask_from_response, full_sequence, generate, response_logprobs,
                           sample_from_scores, sample_responses)
 from rlhf.trainers.ppo import PPOTrainer
 from test_distributed import run_two_ranks
