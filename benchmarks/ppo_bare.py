@@ -1,14 +1,15 @@
-"""The arithmetic floor of one PPO step on the PPO benchmark's shapes: the model passes
-every PPO implementation must run, as bare HF/torch calls with no trainer around them.
+"""One PPO step's model passes on the PPO benchmark's shapes as bare HF/torch calls,
+with no trainer around them:
 
-    python benchmarks/ppo_floor.py --work /tmp/rlhf-bench2 --steps 10
+    python benchmarks/ppo_bare.py --work /tmp/rlhf-bench2 --steps 20
 
 Per step (64 prompts, up to 24 new tokens, 2 PPO epochs of 2 micro-batches of 32): HF
-`generate` with the KV cache; forwards of the policy, reference, value and reward
-models over prompt + response; then per epoch and micro-batch a forward and backward of
-the policy and of the value model, and an AdamW step of each. Episodes per second of
-this loop bound what any framework, ours or TRL's, can reach on the machine; the ratio
-of a framework's episodes/s to it says how much it spends besides the arithmetic.
+`generate` with the KV cache (its own sampler); forwards of the policy, reference, value
+and reward models over prompt + response; then per epoch and micro-batch a forward and
+backward of the policy and of the value model, and an AdamW step of each. A framework's
+episodes/s against this loop's says how much it spends besides these calls. It is not
+a lower bound: a framework that does a pass more cheaply (rlhf's inverse-CDF token
+draw, log-probs read off generation) runs faster than it.
 """
 
 from __future__ import annotations
