@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from common import (compare, emit, parent_args, ppo_shape_args, precision_overrides, prepare_ppo, save, table,
-                    timed)
+                    timed, timed_ours)
 
 
 def emit_episodes(spec: dict, seconds: float) -> None:
@@ -51,7 +51,7 @@ def child_ours(spec: dict) -> None:
     trainer = PPOTrainer(cfg)
     trainer.setup()
     trainer.resume()
-    emit_episodes(spec, timed(spec, trainer.train))
+    emit_episodes(spec, timed_ours(spec, trainer))
 
 
 def child_trl(spec: dict) -> None:

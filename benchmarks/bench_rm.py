@@ -20,8 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from common import (compare, emit, model_arch, parent_args, prepare, save, supervised_overrides, table, timed,
-                    train_timer)
+from common import (compare, emit, model_arch, parent_args, prepare, save, supervised_overrides, table,
+                    timed_ours, train_timer)
 
 
 def heldout_accuracy(model_dir: str, tokenizer_dir: str, pairs_file: str, max_length: int, device: str) -> float:
@@ -57,7 +57,7 @@ def child_ours(spec: dict) -> None:
     trainer.setup()
     trainer.resume()
     pairs = trainer.total_steps * spec["batch"]
-    dt = timed(spec, trainer.train)
+    dt = timed_ours(spec, trainer)
     trainer.export(trainer.out / "final")
     emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs,
           "accuracy": heldout_accuracy(str(trainer.out / "final"), spec["tokenizer"], spec["pairs_eval"],

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from common import (compare, emit, long_sft_rows, model_arch, parent_args, prepare, save, supervised_overrides,
-                    table, timed, train_timer)
+                    table, timed_ours, train_timer)
 
 
 def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length: int, device: str) -> float:
@@ -58,7 +58,7 @@ def child_ours(spec: dict) -> None:
     trainer.resume()
     tokens = sum(len(trainer.data.train[i]["input_ids"]) for s in range(trainer.total_steps)
                  for mb in trainer.sampler.step(s) for i in mb)
-    dt = timed(spec, trainer.train)
+    dt = timed_ours(spec, trainer)
     trainer.export(trainer.out / "final")
     emit({"tokens_per_s": tokens / dt, "train_s": dt, "tokens": tokens, "steps": trainer.total_steps,
           "eval_loss": heldout_loss(str(trainer.out / "final"), spec["tokenizer"], spec["sft_eval"],

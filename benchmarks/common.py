@@ -80,6 +80,14 @@ def timed(spec: dict, fn) -> float:
     return time.perf_counter() - t0
 
 
+def timed_ours(spec: dict, trainer) -> float:
+    """Seconds of an rlhf trainer's training loop, run as `Trainer.fit` runs it."""
+    from rlhf.trainers.base import setup_frozen
+
+    with setup_frozen():
+        return timed(spec, trainer.train)
+
+
 def train_timer(spec: dict):
     """A transformers TrainerCallback timing a HF/TRL trainer's training loop (from its
     train-begin to its train-end event: model loading and tokenization excluded);

@@ -22,6 +22,7 @@ args = p.parse_args()
 import torch  # noqa: E402
 
 from rlhf.config import PPOConfig, load_stage_config  # noqa: E402
+from rlhf.trainers.base import setup_frozen  # noqa: E402
 from rlhf.trainers.ppo import PPOTrainer  # noqa: E402
 
 _, spec = prepare_ppo(args)
@@ -39,7 +40,8 @@ trainer.resume()
 prof = cProfile.Profile()
 prof.enable()
 t0 = time.perf_counter()
-trainer.train()
+with setup_frozen():  # as Trainer.fit runs it
+    trainer.train()
 if torch.cuda.is_available():
     torch.cuda.synchronize()
 print(f"train: {time.perf_counter() - t0:.2f} s for {args.steps} steps")

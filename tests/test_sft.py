@@ -159,3 +159,21 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path, sft_data, tokeni
     trainer.policy.eval()
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
+
+
+def test_fit_trains_with_setup_objects_out_of_the_collectors_walk(tmp_path, sft_data, tokenizer_dir, backbone):
+    """The loop runs with what setup built frozen (full collections skip it) and fit hands
+    it back at the end, so a finished stage's models can be collected (a pipeline runs
+    three stages in one process)."""
+    import gc
+
+    seen = {}
+
+    class Watching(SFTTrainer):
+        def train(self):
+            seen["frozen"] = gc.get_freeze_count()
+            super().train()
+
+    assert gc.get_freeze_count() == 0
+    Watching(make_cfg(tmp_path, sft_data, tokenizer_dir, "train.max_steps=1"), backbone).fit()
+    assert seen["frozen"] > 10000 and gc.get_freeze_count() == 0
