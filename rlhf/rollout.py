@@ -134,7 +134,7 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     """
     from transformers import GenerationConfig
 
-    steps = SamplingSteps(s, eos_id, pad_id, prompt_ids.shape[1], greedy, with_logprobs)
+    steps = SamplingSteps(s, eos_id, pad_id, prompt_ids.shape[1], greedy, with_logprobs, prompt_ids.device)
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, eos_token_id=eos_id,
                                pad_token_id=pad_id, use_cache=True)
     with own_generation_config(model):
@@ -177,7 +177,8 @@ class SamplingSteps:
     forward pass over the responses: in fp32 equal to it up to rounding.
     """
 
-    def __init__(self, s, eos_id: int, pad_id: int, prompt_width: int, greedy: bool, with_logprobs: bool):
+    def __init__(self, s, eos_id: int, pad_id: int, prompt_width: int, greedy: bool, with_logprobs: bool,
+                 device: torch.device):
         from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
                                                             SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
                                                             TopKLogitsWarper, TopPLogitsWarper)
@@ -188,8 +189,8 @@ class SamplingSteps:
         self.with_logprobs = with_logprobs
         steps = [_Call(self.record)] if with_logprobs else []
         if s.min_new_tokens:
-            steps.append(MinNewTokensLengthLogitsProcessor(prompt_width, s.min_new_tokens, eos_id))
-        steps.append(SuppressTokensLogitsProcessor([pad_id]))
+            steps.append(MinNewTokensLengthLogitsProcessor(prompt_width, s.min_new_tokens, eos_id, device=device))
+        steps.append(SuppressTokensLogitsProcessor([pad_id], device=device))
         if not greedy:
             if self.temperature != 1.0:
                 steps.append(TemperatureLogitsWarper(self.temperature))
@@ -241,8 +242,11 @@ def sample_from_scores(scores: torch.Tensor, generator: torch.Generator | None =
     for every vocabulary entry (benchmarks/ppo_sampling.py: PPO's experience step 10%
     faster on a small model). Tokens at -inf are never drawn."""
     cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)
-    u = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=scores.device, generator=generator) * cdf[:, -1:]
-    # cdf is non-decreasing and u < cdf[-1]: the first entry above u has probability > 0.
+    total = cdf[:, -1:]
+    u = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=scores.device, generator=generator) * total
+    # cdf is non-decreasing and u < cdf[-1] (the product can round up to it): the first
+    # entry above u has probability > 0.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[1] - 1)
 
 
