@@ -149,7 +149,7 @@ class RolloutConfig:
     policy over every rollout (as TRL's PPOTrainer does). In fp32 they equal that
     pass's up to rounding (ppo/ratio_at_start stays within 1e-5 of 1); in bf16/fp16
     the cached decode rounds differently from a full forward, so ppo/ratio_at_start
-    moves off 1 by that rounding."""
+    moves off 1 by that rounding (by 4e-5 to 7e-5 in benchmarks/ratio_bf16.py)."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
