@@ -207,7 +207,7 @@ class Backbone:
             del hf_ds
 
     def make_optimizer(self, model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig):
-        """AdamW without decay on biases and norms. torch's fused kernel on CUDA;
+        """AdamW without decay on biases and norms. torch's fused kernel on CUDA and CPU;
         DeepSpeed's CPU Adam when optimizer states are offloaded (it requires it)."""
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -222,9 +222,9 @@ class Backbone:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-        # One kernel for all parameters: fused on CUDA, foreach (multi-tensor) elsewhere;
-        # torch's CPU default is a Python loop over parameters.
-        kwargs["fused" if self.device.type == "cuda" else "foreach"] = True
+        # One fused kernel for all parameters on CUDA and on the CPU (torch's CPU default
+        # is a Python loop over parameters); foreach (multi-tensor) elsewhere.
+        kwargs["fused" if self.device.type in ("cuda", "cpu") else "foreach"] = True
         return torch.optim.AdamW(groups, **kwargs)
 
     def wrap(
