@@ -125,11 +125,19 @@ def test_generated_tokens_follow_the_settings(models, tokenizer):
     assert (out[:, :4] != tokenizer.eos_token_id).all() and (out[:, 4] == tokenizer.eos_token_id).all()
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=3)])
-def test_logprobs_from_generation_equal_a_forward_pass(models, tokenizer, backbone, settings):
-    from rlhf.config import OptimConfig
+@pytest.mark.parametrize("settings, lora", [(dict(), False), (dict(), True),
+                                            (dict(temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=3), False)])
+def test_logprobs_from_generation_equal_a_forward_pass(models, tokenizer, backbone, settings, lora):
+    from rlhf.config import LoraConfig, OptimConfig
+    from rlhf.models import apply_lora
 
     model = load_causal_lm(ModelConfig(path=str(models / "policy")), tokenizer)
+    if lora:  # PEFT's generate, with adapters that change the outputs
+        model = apply_lora(model, LoraConfig(r=4), "CAUSAL_LM")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
     engine = backbone.wrap(model, DeepSpeedConfig(zero_stage=0), OptimConfig(lr=1e-4))
     b = prompt_batch(tokenizer)
     cfg = RolloutConfig(max_new_tokens=12, micro_batch_size=4, **settings)  # two generate calls
