@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from rlhf.data.batching import collate_prompts, pad
+from rlhf.data.batching import cat_padded, collate_prompts, pad
 from rlhf.losses import masked_sum
 from rlhf.models import ScalarModel, sequence_scores
 from rlhf.rollout import end_at_eos, full_sequence, response_logprobs, sample_responses
@@ -61,13 +61,11 @@ def sample(model, tokenizer, prompts: list[str], s: Sampling) -> tuple[torch.Ten
         out, _ = sample_responses(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device), s,
                                   tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=s.temperature == 0)
         batches.append((b["input_ids"], b["attention_mask"], out.cpu()))
-    P = max(x[0].shape[1] for x in batches)
-    R = max(x[2].shape[1] for x in batches)
-    pad = tokenizer.pad_token_id
-    ids = torch.cat([torch.nn.functional.pad(x[0], (P - x[0].shape[1], 0), value=pad) for x in batches])
-    mask = torch.cat([torch.nn.functional.pad(x[1], (P - x[1].shape[1], 0), value=0) for x in batches])
-    resp = torch.cat([torch.nn.functional.pad(x[2], (0, R - x[2].shape[1]), value=pad) for x in batches])
-    resp, action = end_at_eos(resp, tokenizer.eos_token_id, pad)
+    pad_id = tokenizer.pad_token_id
+    ids = cat_padded([x[0] for x in batches], pad_id, "left")
+    mask = cat_padded([x[1] for x in batches], 0, "left")
+    resp = cat_padded([x[2] for x in batches], pad_id)
+    resp, action = end_at_eos(resp, tokenizer.eos_token_id, pad_id)
     return ids, mask, resp, action
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.config import RolloutConfig
+from rlhf.data.batching import cat_padded
 from rlhf.losses import entropy_from_logits, logprobs_from_logits
 from rlhf.models import position_ids_from_mask
 
@@ -109,13 +109,11 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
                                          tokenizer.eos_token_id, tokenizer.pad_token_id, greedy, with_logprobs))
     if was_training:
         engine.module.train()
-    width = max(o[0].shape[1] for o in outs)
-    response = torch.cat([F.pad(o[0], (0, width - o[0].shape[1]), value=tokenizer.pad_token_id) for o in outs])
+    response = cat_padded([o[0] for o in outs], tokenizer.pad_token_id)
     response, action_mask = end_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
     if not with_logprobs:
         return response, action_mask, None
-    logprobs = torch.cat([F.pad(o[1], (0, width - o[1].shape[1])) for o in outs]) * action_mask
-    return response, action_mask, logprobs
+    return response, action_mask, cat_padded([o[1] for o in outs]) * action_mask
 
 
 @torch.no_grad()

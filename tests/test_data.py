@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from rlhf.config import DataConfig, SourceConfig
 from rlhf.data import DataError, build_stage_data
-from rlhf.data.batching import StepSampler, collate_pairs_shared_prefix, collate_prompts, collate_sft, pack
+from rlhf.data.batching import (StepSampler, cat_padded, collate_pairs_shared_prefix, collate_prompts, collate_sft,
+                                 pack)
 from rlhf.data.formats import split_implicit_prompt, tokenize_pairs, tokenize_prompts, tokenize_sft
 from rlhf.data.sources import Row, load_rows
 
@@ -306,3 +308,9 @@ def test_shared_prefix_layout_by_hand():
     assert b["attention_mask"][2, 0].tolist()[2:] == [[False, False, True, False, False],
                                                       [False, False, False, True, False],
                                                       [False, False, False, False, True]]
+
+
+def test_cat_padded_pads_each_part_to_the_widest():
+    a, b = torch.tensor([[1, 2]]), torch.tensor([[3, 4, 5], [6, 7, 8]])
+    assert cat_padded([a, b], 0).tolist() == [[1, 2, 0], [3, 4, 5], [6, 7, 8]]
+    assert cat_padded([a, b], 9, "left").tolist() == [[9, 1, 2], [3, 4, 5], [6, 7, 8]]

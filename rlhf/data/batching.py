@@ -80,6 +80,14 @@ def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def cat_padded(tensors: list[torch.Tensor], value: float | int = 0, side: str = "right") -> torch.Tensor:
+    """Concatenate `(B_i, T_i)` tensors along rows, padding each on `side` with `value`
+    to the widest one."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]) if side == "right"
+                                              else (width - t.shape[1], 0), value=value) for t in tensors])
+
+
 def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, `loss_mask`, `position_ids`, shapes `(B, T)`.
 

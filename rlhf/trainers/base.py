@@ -36,7 +36,6 @@ class RunDirError(ValueError):
     """The output directory holds something we must not overwrite."""
 
 
-
 @contextlib.contextmanager
 def setup_frozen():
     """Training with everything built so far (libraries, models, the dataset) set aside
