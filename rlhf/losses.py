@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Number = float | torch.Tensor
 
@@ -75,6 +76,63 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def head_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False, chunk_tokens: int = 0,
+                  entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label) `(N,)` in float32 (and the entropy `(N,)` when asked) from the
+    hidden states `(N, H)` that the output layer `head` turns into logits, without ever
+    holding the logits of more than `chunk_tokens` positions.
+
+    The same numbers as `logprobs_from_logits(head(hidden).float() / temperature, labels)`
+    and `entropy_from_logits` of those logits, up to float32 rounding. With gradients
+    on, each chunk runs under activation checkpointing: its logits are dropped after the
+    forward and recomputed in the backward, so the backward too holds one chunk's
+    logits (and their gradient) at a time, for one more pass through the head.
+
+    Args:
+        hidden: `(N, H)` positions that predict `labels`, aligned (no shift here).
+        head: the output layer, called on `(n, H)` chunks. Pass the module (not its
+            weight): calling it is what lets ZeRO-3 gather a partitioned weight and
+            LoRA add its adapter.
+        labels: `(N,)` token ids.
+        temperature: logits are divided by it (the distribution tokens were sampled from).
+        with_entropy: also return the entropy at each position (else None).
+        chunk_tokens: positions per chunk; 0 (or >= N) computes all at once.
+        entropy_grad: with False the entropy is computed outside the autograd graph
+            (for logging), so the backward neither keeps nor recomputes its graph.
+    """
+    n = hidden.shape[0]
+    size = chunk_tokens if 0 < chunk_tokens < n else max(n, 1)
+    checkpointed = torch.is_grad_enabled() and size < n
+    outs = []
+    # One split (not slices): its backward writes each chunk's gradient into one
+    # (N, H) tensor, instead of a zero-filled (N, H) tensor per chunk.
+    for h, y in zip(hidden.split(size), labels.split(size)):
+        if checkpointed:
+            outs.append(checkpoint(_head_chunk, head, h, y, temperature, with_entropy, entropy_grad,
+                                   use_reentrant=False))
+        else:
+            outs.append(_head_chunk(head, h, y, temperature, with_entropy, entropy_grad))
+    logprobs = torch.cat([o[0] for o in outs]) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    entropy = (torch.cat([o[1] for o in outs]) if outs else torch.zeros_like(logprobs)) if with_entropy else None
+    return logprobs, entropy
+
+
+def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool,
+                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, lse.new_zeros(0)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        # H = -sum p log p = lse - sum p * logits, with p = exp(logits - lse)
+        entropy = lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
+    return logprobs, entropy
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
             normalizer: Number | None = None) -> torch.Tensor:
     """Causal language-model loss on the masked target tokens.
@@ -89,12 +147,16 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
     Returns:
         Scalar loss: sum of NLL over counted targets / normalizer.
     """
-    nll = -logprobs_from_logits(logits[:, :-1], labels[:, 1:])
-    mask = loss_mask[:, 1:].to(nll.dtype)
-    total = masked_sum(nll, mask)
+    return nll_loss(logprobs_from_logits(logits[:, :-1], labels[:, 1:]), loss_mask[:, 1:], normalizer)
+
+
+def nll_loss(logprobs: torch.Tensor, mask: torch.Tensor, normalizer: Number | None = None) -> torch.Tensor:
+    """Summed negative log-likelihood of the masked target tokens divided by `normalizer`
+    (default: their count). `logprobs`, `mask`: `(B, T)` aligned (target t at column t)."""
+    mask = mask.to(logprobs.dtype)
     if normalizer is None:
         normalizer = mask.sum().clamp(min=1)
-    return total / normalizer
+    return -masked_sum(logprobs, mask) / normalizer
 
 
 # --------------------------------------------------------------------------- reward model

@@ -42,6 +42,11 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     dropout: float | None = None
     """Set every dropout probability in the model config to this; None keeps the model's own."""
+    logits_chunk_mib: float = 256
+    """Causal LMs: log-probabilities and losses run the LM head over chunks of positions
+    whose float32 logits take at most this many MiB (forward and backward), instead of
+    materialising all `(batch, tokens, vocabulary)` logits; the same numbers up to
+    rounding. 0 computes all logits at once. See rlhf/lm_head.py."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, v: Validator) -> None:
@@ -52,6 +57,7 @@ class ModelConfig:
             v.check("model_type" in self.arch, "arch", "needs a model_type, e.g. llama, gpt2, opt")
         if self.dropout is not None:
             v.check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        v.check(self.logits_chunk_mib >= 0, "logits_chunk_mib", f"must be >= 0, got {self.logits_chunk_mib}")
         v.sub("lora", self.lora)
 
 

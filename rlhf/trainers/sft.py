@@ -10,7 +10,8 @@ import torch
 
 from rlhf.config import SFTConfig
 from rlhf.data.batching import collate_sft
-from rlhf.losses import lm_loss
+from rlhf.lm_head import causal_logprobs
+from rlhf.losses import nll_loss
 from rlhf.models import apply_lora, load_causal_lm, model_type, require_model_type, save_pretrained
 from rlhf.trainers.base import Trainer
 
@@ -35,27 +36,26 @@ class SFTTrainer(Trainer):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_sft(examples, self.tokenizer.pad_token_id)
 
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Logits of the positions that predict a target token, and the first such position.
+    def target_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of the target tokens `(B, T - first)` and their loss mask, from `first`,
+        the batch's first column that holds a target.
 
-        Positions before the batch's first target predict nothing we train on, so the LM
-        head skips them (`logits_to_keep`): on SFT data, where prompts are a large share,
-        this saves head compute and the memory of their (T x vocabulary) logits.
+        Only target positions go through the LM head (prompt and padding positions
+        predict nothing we train on), in chunks of model.logits_chunk_mib MiB of logits
+        (rlhf/lm_head.py): the full (tokens x vocabulary) logits never exist.
         """
         dev = self.backbone.device
-        start = first_target(batch["loss_mask"]) - 1
-        out = self.policy(input_ids=batch["input_ids"].to(dev),
-                          attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(dev),
-                          position_ids=batch["position_ids"].to(dev), use_cache=False,
-                          logits_to_keep=batch["input_ids"].shape[1] - start)
-        return out.logits, start
+        first = first_target(batch["loss_mask"])
+        mask = batch["loss_mask"][:, first:].to(dev)
+        attention_mask = None if batch["attention_mask"] is None else batch["attention_mask"].to(dev)
+        logprobs, _ = causal_logprobs(self.policy, batch["input_ids"].to(dev), attention_mask,
+                                      batch["position_ids"].to(dev), first, mask,
+                                      chunk_mib=self.cfg.model.logits_chunk_mib)
+        return logprobs, mask
 
     def compute_loss(self, batch: dict[str, torch.Tensor], normalizer: float | None) -> torch.Tensor:
         """Summed response-token NLL of this micro-batch divided by `normalizer`."""
-        logits, start = self.forward_logits(batch)
-        dev = logits.device
-        return lm_loss(logits, batch["input_ids"][:, start:].to(dev), batch["loss_mask"][:, start:].to(dev),
-                       normalizer)
+        return nll_loss(*self.target_logprobs(batch), normalizer)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         bb = self.backbone
