@@ -109,8 +109,9 @@ class RMConfig(BaseStageConfig):
         v.sub("reward", self.reward)
         v.check(not self.data.packing or self.reward.shared_prefix, "data.packing",
                 "packing pairs side by side in rows needs reward.shared_prefix=true (its attention mask)")
+        v.check(self.data.padding_free is not True, "data.padding_free", "applies to SFT only")
         if self.reward.shared_prefix:
-            v.check(self.model.attn_implementation in (None, "sdpa", "eager"), "model.attn_implementation",
+            v.check(self.model.attn_implementation in (None, "auto", "sdpa", "eager"), "model.attn_implementation",
                     f"reward.shared_prefix needs a custom attention mask, which sdpa and eager take and "
                     f"{self.model.attn_implementation} does not; use sdpa or set reward.shared_prefix=false")
 
@@ -280,6 +281,7 @@ class PPOConfig(BaseStageConfig):
         v.sub("ppo", self.ppo)
         v.check(self.data.truncation in ("left", "drop"), "data.truncation",
                 f"PPO prompts support left (keep the end) or drop, got {self.data.truncation}")
+        v.check(self.data.padding_free is not True, "data.padding_free", "applies to SFT only")
         v.check(self.rollout.batch_size % self.train.global_batch_size == 0, "rollout.batch_size",
                 f"{self.rollout.batch_size} must be a multiple of train.global_batch_size "
                 f"({self.train.global_batch_size}, the PPO minibatch)")

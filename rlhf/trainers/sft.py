@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import SFTConfig
-from rlhf.data.batching import collate_sft
+from rlhf.data.batching import collate_sft, collate_sft_flat
 from rlhf.lm_head import causal_logprobs
 from rlhf.losses import nll_loss
 from rlhf.models import apply_lora, load_causal_lm, model_type, require_model_type, save_pretrained
@@ -24,16 +24,26 @@ class SFTTrainer(Trainer):
 
     def build_models(self) -> None:
         cfg, bb = self.cfg, self.backbone
+        family = model_type(cfg.model)
         if cfg.data.packing:
-            check_packing_supported(model_type(cfg.model))
+            check_packing_supported(family)
+        if cfg.data.padding_free:
+            require_model_type(family, PADDING_FREE_MODEL_TYPES, "data.padding_free",
+                               "keep samples in one row apart by their position ids")
         with bb.model_init(cfg.deepspeed):
             model = load_causal_lm(cfg.model, self.tokenizer, self.dtype)
+        self.padding_free = cfg.data.padding_free
+        if self.padding_free is None:
+            self.padding_free = (model.config._attn_implementation == "flash_attention_2"
+                                 and family in PADDING_FREE_MODEL_TYPES)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         self.policy = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)
         self.engines = {"policy": self.policy}
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return collate_sft_flat(examples)
         return collate_sft(examples, self.tokenizer.pad_token_id)
 
     def target_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +129,8 @@ def check_packing_supported(model_type: str) -> None:
 
 
 PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2"}
+
+PADDING_FREE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+"""Families whose attention takes position ids through to FlashAttention-2's
+variable-length path and whose sdpa/eager masks transformers builds from them
+(tests/test_sft.py checks the same loss as padded rows on the CPU)."""
