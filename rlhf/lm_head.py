@@ -49,8 +49,8 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Column j is about token `input_ids[:, first + j]`, predicted by the model's output
     at position `first + j - 1`; `first >= 1`. Only the positions where `select`
-    (`(B, T - first)`, e.g. a loss mask) is true go through the output layer; the
-    others are 0. Logits are divided by `temperature`. Without `entropy_grad` the
+    (`(B, T - first)`, e.g. a loss mask; None: all) is true go through the output
+    layer; the others are 0. Logits are divided by `temperature`. Without `entropy_grad` the
     entropy is computed outside the autograd graph (for logging).
     """
     if first < 1:
@@ -58,24 +58,31 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     width = input_ids.shape[1] - first
     hf = unwrap(model)
     targets = input_ids[:, first:]
-    if select is None:
-        select = torch.ones_like(targets, dtype=torch.bool)
-    select = select.bool()
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   logits_to_keep=width + 1)
     if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
         logits = model(**kwargs).logits[:, :-1].float()
         if temperature != 1.0:
             logits = logits / temperature
-        logprobs = logprobs_from_logits(logits, targets) * select
+        logprobs = logprobs_from_logits(logits, targets)
         entropy = None
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-                entropy = entropy_from_logits(logits) * select
+                entropy = entropy_from_logits(logits)
+        if select is not None:
+            logprobs, entropy = logprobs * select, entropy * select if with_entropy else None
         return logprobs, entropy
     hidden, head = final_hidden_states(model, **kwargs)
-    lp, ent = head_logprobs(hidden[:, :-1][select], head, targets[select], temperature, with_entropy,
+    hidden = hidden[:, :-1]
+    if select is None:  # every position (and no data-dependent shapes, for rlhf.plan's fake tensors)
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    else:
+        select = select.bool()
+        hidden, labels = hidden[select], targets[select]
+    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy,
                             chunk_tokens(hf.config.vocab_size, chunk_mib), entropy_grad)
+    if select is None:
+        return lp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
     logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)
     entropy = ent.new_zeros(select.shape).masked_scatter(select, ent) if with_entropy else None
     return logprobs, entropy
