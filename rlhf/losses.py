@@ -120,17 +120,54 @@ def head_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, temperature:
 
 def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool,
                 entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-    if not with_entropy:
-        return logprobs, lse.new_zeros(0)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-        # H = -sum p log p = lse - sum p * logits, with p = exp(logits - lse)
-        entropy = lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
-    return logprobs, entropy
+    lp, ent = _TokenLogprobs.apply(head(hidden), labels, temperature, with_entropy, entropy_grad)
+    return lp, ent if with_entropy else lp.new_zeros(0)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(label) and the entropy of softmax(logits / temperature), `(n, V) -> (n,), (n,)`,
+    in float32 whatever the logits' dtype, with a backward that writes the gradient of
+    the logits into one buffer:
+
+        d logp / dz = onehot(label) - p,    dH / dz = -p * (log p + H),    z = logits / T
+
+    Autograd's own graph (float copy, division, logsumexp, gather) keeps or creates
+    several `(n, V)` tensors; this keeps the logits and two float32 buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, with_entropy, entropy_grad):
+        z = logits.float() / temperature if temperature != 1.0 else logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        logprobs = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:  # H = lse - sum p * z, with p = exp(z - lse)
+            entropy = lse - torch.exp(z - lse.unsqueeze(-1)).mul_(z).sum(-1)
+            if not entropy_grad:
+                ctx.mark_non_differentiable(entropy)
+        ctx.temperature = temperature
+        ctx.save_for_backward(logits, labels, lse, entropy if entropy_grad else None)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        T = ctx.temperature
+        if grad_logprobs is None:
+            grad_logprobs = lse.new_zeros(lse.shape)
+        logp = (logits.float() / T if T != 1.0 else logits.float()) - lse.unsqueeze(-1)
+        grad = torch.exp(logp)  # p
+        if entropy is not None and grad_entropy is not None:
+            # -p * (g_lp + g_H * (log p + H)), in logp's buffer
+            coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprobs.unsqueeze(-1))
+            grad.mul_(coef).neg_()
+        else:
+            grad.mul_(-grad_logprobs.unsqueeze(-1))
+        del logp
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+        if T != 1.0:
+            grad.div_(T)
+        return grad.to(logits.dtype), None, None, None, None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

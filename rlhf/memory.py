@@ -41,15 +41,22 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == self.device_type and t.layout == torch.strided:
-                self._count(t.untyped_storage())
+            if not (isinstance(t, torch.Tensor) and t.device.type == self.device_type and t.layout == torch.strided):
+                continue
+            storage = t.untyped_storage()
+            if storage._cdata in self._live:
+                continue
+            if inputs is None:  # a view of an input (or the input itself) is nothing new
+                inputs = {x.untyped_storage()._cdata for x in tree_flatten((args, kwargs))[0]
+                          if isinstance(x, torch.Tensor) and x.layout == torch.strided}
+            if storage._cdata not in inputs:
+                self._count(storage)
         return out
 
     def _count(self, storage) -> None:
         key = storage._cdata
-        if key in self._live:
-            return
         self._live[key] = storage.nbytes()
         self.current += self._live[key]
         self.peak = max(self.peak, self.current)

@@ -119,9 +119,10 @@ def stage_outputs(cfgs: dict[str, BaseStageConfig]) -> dict[Path, ModelConfig]:
     return out
 
 
-def hf_config(model: ModelConfig, vocab: int | None, outputs: dict[Path, ModelConfig], key: str):
+def hf_config(cfg: BaseStageConfig, model: ModelConfig, outputs: dict[Path, ModelConfig], key: str):
     """The Hugging Face config of a model: from `arch`, from config.json at `path`, or,
-    for a path an earlier stage of this pipeline will write, from that stage's model."""
+    for a path an earlier stage of this pipeline will write, from that stage's model;
+    with the vocabulary the tokenizer will give it."""
     from transformers import AutoConfig
 
     for _ in range(len(outputs) + 1):
@@ -133,28 +134,37 @@ def hf_config(model: ModelConfig, vocab: int | None, outputs: dict[Path, ModelCo
     if model.arch is not None:
         arch = dict(model.arch)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        vocab = vocabulary(cfg, model.arch.get("vocab_size"))
         if vocab is None:
-            raise ConfigError(f"{key}.arch: the vocabulary size comes from the tokenizer, which is not there yet "
-                              "(tokenizer.path)")
+            raise ConfigError(f"{key}.arch: no vocabulary size: the tokenizer (tokenizer.path) is not there yet "
+                              "and the arch names no vocab_size")
         config.vocab_size = vocab
         return config
     try:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}.path: cannot read the model's config.json at {model.path!r}: {e}") from None
-    config.vocab_size = max(config.vocab_size, vocab or 0)
+    config.vocab_size = max(config.vocab_size, vocabulary(cfg, config.vocab_size) or 0)
     return config
 
 
-def vocabulary(cfg: BaseStageConfig) -> int | None:
-    """The tokenizer's size (with the pad token the loader adds), without loading a model;
-    the built-in task's vocabulary when its tokenizer is not written yet."""
+def vocabulary(cfg: BaseStageConfig, fallback: int | None) -> int | None:
+    """The tokenizer's size (with the pad token the loader adds) when it is on this
+    machine; else the built-in task's vocabulary, else `fallback`; a hub name is looked
+    up last (that can take a minute without a network)."""
     from rlhf.models import load_tokenizer
 
+    path = cfg.tokenizer.path or cfg.primary_model().path
+    if path is not None and Path(path).is_dir():
+        return len(load_tokenizer(cfg.tokenizer, cfg.primary_model()))
+    if cfg.task is not None:
+        return cfg.task.vocab_size
+    if fallback is not None or path is None:
+        return fallback
     try:
         return len(load_tokenizer(cfg.tokenizer, cfg.primary_model()))
-    except (ValueError, OSError):
-        return cfg.task.vocab_size if cfg.task is not None else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- model states
@@ -327,7 +337,7 @@ class Planner:
         self.outputs = stage_outputs(cfgs)
 
     def config_of(self, cfg: BaseStageConfig, model: ModelConfig, key: str):
-        return hf_config(model, vocabulary(cfg), self.outputs, key)
+        return hf_config(cfg, model, self.outputs, key)
 
     def plan(self, stage: str) -> StagePlan:
         return {"sft": self.plan_sft, "rm": self.plan_rm, "ppo": self.plan_ppo}[stage](self.cfgs[stage])
