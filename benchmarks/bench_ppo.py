@@ -27,9 +27,9 @@ from common import (compare, emit, parent_args, ppo_shape_args, precision_overri
                     timed, timed_ours)
 
 
-def emit_episodes(spec: dict, seconds: float) -> None:
+def emit_episodes(spec: dict, seconds: float, extra: dict | None = None) -> None:
     episodes = spec["steps"] * spec["rollout"]
-    emit({"episodes_per_s": episodes / seconds, "train_s": seconds, "episodes": episodes})
+    emit({"episodes_per_s": episodes / seconds, "train_s": seconds, "episodes": episodes, **(extra or {})})
 
 
 def child_ours(spec: dict) -> None:
@@ -47,11 +47,22 @@ def child_ours(spec: dict) -> None:
         "ppo.missing_eos_penalty=1.0", f"policy.optim.lr={spec['lr']}", f"value.optim.lr={spec['lr']}",
         "policy.optim.scheduler=linear", "value.optim.scheduler=linear", "sample_every=0",
         "logging.progress_bar=false", *precision_overrides(spec["precision"]), f"seed={spec['seed']}",
-        f"train.log_every={spec['steps']}", *spec.get("ours", [])])
+        f"train.log_every={1 if spec.get('phases') else spec['steps']}", *spec.get("ours", [])])
     trainer = PPOTrainer(cfg)
     trainer.setup()
     trainer.resume()
-    emit_episodes(spec, timed_ours(spec, trainer))
+    seconds = timed_ours(spec, trainer)
+    phases = {}
+    if spec.get("phases"):
+        # time/generate_s: sampling and the scoring passes; time/train_s: rewards, advantages and updates.
+        # Medians over the steps after the first (warm-up).
+        import statistics
+
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "time/generate_s" in r][1:] or rows
+        phases = {k.replace("time/", "") + "_per_step": statistics.median(r[k] for r in rows)
+                  for k in ("time/generate_s", "time/train_s")}
+    emit_episodes(spec, seconds, phases)
 
 
 def child_trl(spec: dict) -> None:
@@ -89,6 +100,7 @@ def main() -> None:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--phases", action="store_true", help="also report our per-step phase split")
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.spec)
@@ -99,8 +111,9 @@ def main() -> None:
     work, spec = prepare_ppo(args)
     spec.update(work=str(work), steps=args.steps, rollout=args.rollout, micro=args.micro,
                 ppo_epochs=args.ppo_epochs, response_length=args.response_length, lr=args.lr, seed=42,
-                precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
-    keys = ["episodes_per_s", "train_s"]
+                precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu",
+                phases=args.phases)
+    keys = ["episodes_per_s", "train_s"] + (["generate_s_per_step", "train_s_per_step"] if args.phases else [])
     result = compare(__file__, spec, args.repeats, keys)
     result["table"] = table(result, keys, "episodes_per_s")
     print(result["table"])
