@@ -118,7 +118,7 @@ def child(config: str, stage: str, overrides: list[str]) -> dict:
     with mem:
         trainer = {"sft": sft_trainer, "rm": rm_trainer, "ppo": ppo_trainer}[stage](cfg)
         trainer.setup()
-        setup_peak = mem.peak
+        peaks = {"setup": mem.peak}
         V = len(trainer.tokenizer)
         if stage in ("sft", "rm"):
             T = cfg.data.max_length
@@ -138,13 +138,18 @@ def child(config: str, stage: str, overrides: list[str]) -> dict:
             P = cfg.data.max_prompt_length
             prompts = [{"prompt_ids": torch.randint(5, V - 1, (P,), generator=g).tolist(), "prompt": ""}
                        for _ in range(trainer.prompts_per_rank)]
+            mem.reset_peak()
             exp = trainer.make_experience(prompts)
             assert exp.response_ids.shape[1] == cfg.rollout.max_new_tokens, exp.response_ids.shape
             exp.rewards = trainer.compute_rewards(exp)
             exp.advantages, exp.returns = trainer.compute_advantages(exp)
+            peaks["experience"] = mem.peak
+            mem.reset_peak()
             trainer.learn(exp)
-    return {"stage": stage, "measured_peak": mem.peak, "setup_peak": setup_peak, "planned_peak": plan.peak,
-            "ratio": plan.peak / mem.peak, "plan_parts": {p.name: p.bytes for p in plan.parts},
+            peaks["learn"] = mem.peak
+    measured = max(mem.peak, *peaks.values())
+    return {"stage": stage, "measured_peak": measured, "phase_peaks": peaks, "planned_peak": plan.peak,
+            "ratio": plan.peak / measured, "plan_parts": {p.name: p.bytes for p in plan.parts},
             "plan_seconds": plan_s}
 
 

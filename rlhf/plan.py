@@ -457,25 +457,34 @@ class Planner:
                                    f"KV cache {fmt(cache)}" + (f", gathered policy {fmt(gathered)}" if gathered
                                                                else "")))
             # scoring: one no-grad pass of each model over a chunk of rollouts
+            # (under ZeRO-3 with each model's weights gathered for all its chunks at once)
             score = []
             with torch.no_grad():
-                for role, (m, mcfg, _) in roles.items():
+                for role, (m, mcfg, ds) in roles.items():
                     if role == "policy" and r.logprobs_from_generation:
                         continue
                     if role in ("policy", "ref_policy"):
-                        score.append(peak_bytes(causal_loss(m, score_rows, T, P, mcfg.logits_chunk_mib, r.temperature)))
+                        peak = peak_bytes(causal_loss(m, score_rows, T, P, mcfg.logits_chunk_mib, r.temperature))
                     else:
-                        score.append(peak_bytes(scalar_loss(m, score_rows, T)))
+                        peak = peak_bytes(scalar_loss(m, score_rows, T))
+                    score.append(peak + (m.params * (4 if ds.precision == "fp32" else 2) if ds.zero_stage == 3
+                                         else 0))
             totals["scoring"] = max(score)
             plan.parts.append(Part("scoring passes", totals["scoring"], f"{score_rows} rollouts at a time"))
-            # updates: the policy's, then the value model's, one micro-batch each
-            totals["policy update"] = train_peak(policy, causal_loss(
+            # updates: the policy's, then the value model's, one micro-batch each; with
+            # gradient accumulation the other model's unsharded gradients are alive meanwhile
+            accumulation = cfg.train.global_batch_size // (micro * w.ranks)
+            held = {role: roles[role][0].trainable * (4 if roles[role][2].precision == "fp32" else 2)
+                    if grads_in_run[role] and accumulation > 1 else 0 for role in ("policy", "value")}
+            totals["policy update"] = held["value"] + train_peak(policy, causal_loss(
                 policy, micro, T, P, policy_cfg.logits_chunk_mib, r.temperature, cfg.ppo.entropy_coef > 0, True),
                 not grads_in_run["policy"])
             value = roles["value"][0]
-            totals["value update"] = train_peak(value, scalar_loss(value, micro, T), not grads_in_run["value"])
-            for name in ("policy update", "value update"):
-                plan.parts.append(Part(name, totals[name], "forward + backward"))
+            totals["value update"] = held["policy"] + train_peak(value, scalar_loss(value, micro, T),
+                                                                 not grads_in_run["value"])
+            for name, other in (("policy update", "value"), ("value update", "policy")):
+                plan.parts.append(Part(name, totals[name], "forward + backward" + (
+                    f", the {other} model's gradients {fmt(held[other])}" if held[other] else "")))
         phase = max(totals, key=totals.get)
         plan.peak = states + experience + totals[phase]
         plan.header.append(f"the largest phase: {phase}" + ("; ppo.ptx is not counted" if cfg.ppo.ptx.coef else ""))

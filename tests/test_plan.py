@@ -111,7 +111,7 @@ def test_planned_ppo_peak_is_within_tolerance_of_the_measured_one(tmp_path, toke
     planned, measured = measured_and_planned(tmp_path, tokenizer_dir, backbone, "ppo", [
         f"data.path={prompts}", "data.max_length=48", "data.max_prompt_length=16", "rollout.batch_size=8",
         "rollout.max_new_tokens=32", "rollout.min_new_tokens=32", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.max_steps=1", "logging.progress_bar=false", "sample_every=0",
+        "train.micro_batch_size=4", "train.max_steps=1", "ppo.epochs=2", "logging.progress_bar=false", "sample_every=0",
         f"policy.model.arch={arch}", f"value.model.arch={arch}", f"reward.model.arch={arch}"])
     assert abs(planned / measured - 1) < TOLERANCE, (planned, measured)
 
