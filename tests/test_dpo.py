@@ -195,10 +195,20 @@ def policy_dir(tmp_path_factory, tokenizer):
     return d
 
 
-def dpo_cfg(out, policy_dir, task_dir, *overrides):
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, task_dir):
+    """The task's first 512 training pairs and 48 held-out pairs (evaluation stays cheap)."""
+    d = tmp_path_factory.mktemp("pairs")
+    for name, n in (("train", 512), ("eval", 48)):
+        lines = (task_dir / f"pairs_{name}.jsonl").read_text().splitlines(keepends=True)[:n]
+        (d / f"{name}.jsonl").write_text("".join(lines))
+    return d
+
+
+def dpo_cfg(out, policy_dir, pairs, *overrides):
     return load_stage_config(DPOConfig, None, [
-        f"output_dir={out}", f"model.path={policy_dir}", f"data.path={task_dir / 'pairs_train.jsonl'}",
-        f"data.eval.path={task_dir / 'pairs_eval.jsonl'}", "data.max_samples=128", "data.max_length=48",
+        f"output_dir={out}", f"model.path={policy_dir}", f"data.path={pairs / 'train.jsonl'}",
+        f"data.eval.path={pairs / 'eval.jsonl'}", "data.max_samples=128", "data.max_length=48",
         "train.global_batch_size=16", "train.micro_batch_size=8", "train.max_steps=4", "optim.lr=2e-3",
         "eval_sampling.prompts=0", "logging.progress_bar=false", *overrides])
 
@@ -212,11 +222,11 @@ def weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.policy.module.state_dict().items()}
 
 
-def test_dpo_learns_and_exports(tmp_path, policy_dir, task_dir, backbone):
+def test_dpo_learns_and_exports(tmp_path, policy_dir, pairs, task_dir, backbone):
     from transformers import AutoModelForCausalLM
 
-    cfg = dpo_cfg(tmp_path / "out", policy_dir, task_dir, "data.max_samples=512", "train.global_batch_size=32",
-                  "train.micro_batch_size=16", "train.max_steps=16", "eval_sampling.prompts=32",
+    cfg = dpo_cfg(tmp_path / "out", policy_dir, pairs, "data.max_samples=384", "train.global_batch_size=32",
+                  "train.micro_batch_size=32", "train.max_steps=12", "dpo.beta=0.5", "eval_sampling.prompts=16",
                   "eval_sampling.max_new_tokens=8", f"task.dir={task_dir}")
     trainer = DPOTrainer(cfg, backbone)
     trainer.setup()
@@ -230,7 +240,7 @@ def test_dpo_learns_and_exports(tmp_path, policy_dir, task_dir, backbone):
     assert metric(out, "eval/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
     assert metric(out, "eval/margin")[0] == 0.0
     # it learned which response of a held-out pair is better, and every weight moved
-    assert final["eval/reward_accuracy"] >= 0.8 and final["eval/loss"] < 0.6, final
+    assert final["eval/reward_accuracy"] >= 0.8 and final["eval/loss"] < 0.6, final  # from log 2 = 0.693
     assert final["eval/margin"] > 0 and final["eval/chosen_reward"] > final["eval/rejected_reward"]
     assert [k for k in before if torch.equal(before[k], after[k])] == []
     # sampled responses to held-out prompts were judged by the task's gold reward
@@ -244,10 +254,10 @@ def test_dpo_learns_and_exports(tmp_path, policy_dir, task_dir, backbone):
         assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
 
 
-def test_gradient_accumulation_equals_bigger_batch(tmp_path, policy_dir, task_dir, backbone):
+def test_gradient_accumulation_equals_bigger_batch(tmp_path, policy_dir, pairs, backbone):
     runs = {}
     for name, micro in (("a", 8), ("b", 2)):
-        cfg = dpo_cfg(tmp_path / name, policy_dir, task_dir, "train.global_batch_size=8",
+        cfg = dpo_cfg(tmp_path / name, policy_dir, pairs, "train.global_batch_size=8",
                       f"train.micro_batch_size={micro}")
         trainer = DPOTrainer(cfg, backbone)
         trainer.fit()
@@ -258,10 +268,10 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path, policy_dir, task_di
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, policy_dir, task_dir, backbone, monkeypatch, capsys):
-    full = DPOTrainer(dpo_cfg(tmp_path / "full", policy_dir, task_dir, "checkpoint.every=2"), backbone)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, policy_dir, pairs, backbone, monkeypatch, capsys):
+    full = DPOTrainer(dpo_cfg(tmp_path / "full", policy_dir, pairs, "checkpoint.every=2"), backbone)
     full.fit()
-    cfg = dpo_cfg(tmp_path / "cut", policy_dir, task_dir, "checkpoint.every=2")
+    cfg = dpo_cfg(tmp_path / "cut", policy_dir, pairs, "checkpoint.every=2")
     real = DPOTrainer.train_step
 
     def crash(self, micro_batches):
@@ -282,13 +292,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, policy_dir, task_dir,
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
 
 
-def test_live_reference_equals_the_precomputed_one(tmp_path, policy_dir, task_dir, backbone):
+def test_live_reference_equals_the_precomputed_one(tmp_path, policy_dir, pairs, backbone):
     """A frozen reference engine beside the policy gives the run of the precomputed
     log-probs; so does a reference named by path (here the policy's own start)."""
     runs = {}
     for name, flags in {"precompute": [], "live": ["dpo.reference=live"],
                         "named": ["dpo.reference=live", f"ref_model.path={policy_dir}"]}.items():
-        trainer = DPOTrainer(dpo_cfg(tmp_path / name, policy_dir, task_dir, *flags), backbone)
+        trainer = DPOTrainer(dpo_cfg(tmp_path / name, policy_dir, pairs, *flags), backbone)
         trainer.fit()
         assert (trainer.ref_policy is None) == (name == "precompute")
         assert (tmp_path / name / "ref_logprobs.pt").exists() == (name == "precompute")
@@ -301,16 +311,16 @@ def test_live_reference_equals_the_precomputed_one(tmp_path, policy_dir, task_di
                                    ["dpo.label_smoothing=0.1", "dpo.shared_prefix=false"],
                                    ["data.packing=true", "dpo.beta=0.5"]],
                          ids=["ipo-averaged", "cdpo-separate-rows", "packed"])
-def test_variants_train(flags, tmp_path, policy_dir, task_dir, backbone):
-    final = DPOTrainer(dpo_cfg(tmp_path / "out", policy_dir, task_dir, "train.max_steps=6", *flags), backbone).fit()
+def test_variants_train(flags, tmp_path, policy_dir, pairs, backbone):
+    final = DPOTrainer(dpo_cfg(tmp_path / "out", policy_dir, pairs, "train.max_steps=6", *flags), backbone).fit()
     losses = metric(tmp_path / "out", "train/loss")
     assert losses[-1] < losses[0] and final["eval/reward_accuracy"] > 0.5, (losses, final)
 
 
-def test_lora_trains_adapters_only_and_exports_merged(tmp_path, policy_dir, task_dir, backbone):
+def test_lora_trains_adapters_only_and_exports_merged(tmp_path, policy_dir, pairs, backbone):
     from transformers import AutoModelForCausalLM
 
-    trainer = DPOTrainer(dpo_cfg(tmp_path / "out", policy_dir, task_dir, "model.lora.r=4"), backbone)
+    trainer = DPOTrainer(dpo_cfg(tmp_path / "out", policy_dir, pairs, "model.lora.r=4"), backbone)
     trainer.setup()
     before = weights(trainer)
     trainer.resume()
@@ -329,12 +339,11 @@ def test_lora_trains_adapters_only_and_exports_merged(tmp_path, policy_dir, task
         assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
 
 
-def test_zero_stages_and_two_ranks_agree(tmp_path, policy_dir, task_dir, backbone):
+def test_zero_stages_and_two_ranks_agree(tmp_path, policy_dir, pairs, backbone):
     from test_distributed import run_two_ranks
 
     stages = ["0", "3"]
-    common = [f"model.path={policy_dir}", f"data.path={task_dir / 'pairs_train.jsonl'}",
-              f"data.eval.path={task_dir / 'pairs_eval.jsonl'}", "data.max_samples=64", "data.max_length=48",
+    common = [f"model.path={policy_dir}", f"data.path={pairs / 'train.jsonl'}", f"data.eval.path={pairs / 'eval.jsonl'}", "data.max_samples=64", "data.max_length=48",
               "train.global_batch_size=16", "train.micro_batch_size=8", "train.max_steps=3", "optim.lr=2e-3",
               "eval_sampling.prompts=5", "eval_sampling.max_new_tokens=4", "logging.progress_bar=false"]
     run_two_ranks("dpo", tmp_path / "two", stages, common)
@@ -358,8 +367,8 @@ def test_zero_stages_and_two_ranks_agree(tmp_path, policy_dir, task_dir, backbon
      "dpo.reference: live scoring by the policy's start"),
     (["ref_model.path=x", "ref_model.lora.r=4"], "ref_model.lora.r: the frozen reference takes no LoRA"),
 ])
-def test_bad_settings_are_refused(flags, message, tmp_path, policy_dir, task_dir):
+def test_bad_settings_are_refused(flags, message, tmp_path, policy_dir, pairs):
     from rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        dpo_cfg(tmp_path / "out", policy_dir, task_dir, *flags)
+        dpo_cfg(tmp_path / "out", policy_dir, pairs, *flags)
