@@ -63,7 +63,7 @@ class DPOTrainer(Trainer):
                               self.total_steps)
         self.engines = {"policy": self.policy}
         self.ref_policy = self.load_reference() if cfg.dpo.reference == "live" else None
-        self.reference_time_s = 0.0
+        self.reference_time_s = 0.0  # seconds spent scoring the pairs with the reference, up front
         self.gold_reward = None
         if cfg.task is not None:
             from rlhf.task import gold_reward
@@ -96,10 +96,10 @@ class DPOTrainer(Trainer):
         # Before the checkpoint is loaded: the policy still holds its starting weights,
         # which are the default reference.
         if self.cfg.dpo.reference == "precompute":
-            t0 = time.perf_counter()
             self.precompute_reference()
-            self.reference_time_s = time.perf_counter() - t0
         super().resume()
+        if self.reference_time_s:
+            self.log({"time/reference_s": self.reference_time_s})
 
     # ------------------------------------------------------------------ reference log-probs, once
 
@@ -110,7 +110,7 @@ class DPOTrainer(Trainer):
         otherwise computed, each rank scoring its share, and written there."""
         cfg, bb = self.cfg, self.backbone
         path = self.out / REF_FILE
-        key = json.dumps({"ref_model": dataclasses.asdict(self.role_model("ref_policy")),
+        key = json.dumps({"ref_model": dataclasses.asdict(self.role_model("ref_policy")), "seed": cfg.seed,
                           "length_normalized": cfg.dpo.length_normalized, "data": self.data.summary,
                           "pairs": [len(self.data.train), len(self.data.eval)]}, sort_keys=True, default=str)
         saved = None
@@ -124,13 +124,16 @@ class DPOTrainer(Trainer):
             tables = {"train": saved["train"], "eval": saved["eval"]}
             bb.print(f"[dpo] reference log-probs read from {path}")
         else:
-            engine = self.policy if self.ref_policy is None and not cfg.has_own_reference() else (
-                self.ref_policy or self.load_reference())
+            t0 = time.perf_counter()
+            # Called before any checkpoint is loaded, the policy holds its starting weights:
+            # it is the default reference, and no second model is needed.
+            engine = self.load_reference() if cfg.has_own_reference() else self.policy
             tables = {"train": self.score_pairs(engine, self.data.train),
                       "eval": self.score_pairs(engine, self.data.eval)}
-            if engine is not self.policy and engine is not self.ref_policy:
-                del engine  # the reference is not needed again: free it before training
+            if engine is not self.policy:
+                del engine  # not needed again: freed before training
                 gc.collect()
+            self.reference_time_s = time.perf_counter() - t0
             if bb.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
