@@ -149,12 +149,15 @@ class DPOTrainer(Trainer):
     def score_pairs(self, engine, examples: list[dict]) -> torch.Tensor:
         """(chosen, rejected) sequence log-probs `(N, 2)` of `engine` on every example, on
         every rank (each rank scores a share, the same number of passes on each, and the
-        shares are exchanged)."""
+        shares are exchanged). Examples go through in order of length, so that a batch
+        holds pairs of about one length and little of it is padding."""
         bb = self.backbone
         if not examples:
             return torch.zeros(0, 2)
         size = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
-        idx, real = rank_share(len(examples), bb.world_size, bb.rank)
+        by_length = sorted(range(len(examples)), key=lambda i: pair_length(examples[i]))
+        share, real = rank_share(len(examples), bb.world_size, bb.rank)
+        idx = [by_length[i] for i in share]
         was_training = engine.training
         engine.eval()
         out = []
@@ -325,6 +328,12 @@ def add_stats(sums: dict[str, float], loss: torch.Tensor, stats: dict[str, torch
     for k, v in {"loss": loss.detach(), **stats}.items():
         sums[k] += v.item() * n
     sums["pairs"] += n
+
+
+def pair_length(e: dict) -> int:
+    """Tokens of a pair in the shared-prefix layout: the common prefix once, both suffixes."""
+    c, r = e["chosen_ids"], e["rejected_ids"]
+    return len(c) + len(r) - common_prefix_length(c, r)
 
 
 def rank_share(n: int, world_size: int, rank: int) -> tuple[list[int], int]:
