@@ -8,10 +8,12 @@ from typing import Any
 
 from rlhf.evaluate import Sampling, compare_policies
 from rlhf.metrics import read_metrics
+from rlhf.model_source import model_dir
 
 
-def held_out_prompts(ppo_cfg) -> list[str]:
-    """The PPO stage's evaluation prompts (its training prompts if it has none), as text."""
+def held_out_prompts(ppo_cfg) -> tuple[list[str], list[list[int]]]:
+    """The PPO stage's evaluation prompts (its training prompts if it has none): texts and
+    token ids, as the trainer tokenized them."""
     from rlhf.data.formats import tokenize_prompts
     from rlhf.data.sources import load_rows
     from rlhf.models import load_tokenizer
@@ -19,7 +21,7 @@ def held_out_prompts(ppo_cfg) -> list[str]:
     train, ev = load_rows(ppo_cfg.data, 2)
     tok = load_tokenizer(ppo_cfg.tokenizer, ppo_cfg.primary_model())
     examples, _ = tokenize_prompts(ev or train, tok, ppo_cfg.data)
-    return [e["prompt"] for e in examples]
+    return [e["prompt"] for e in examples], [e["prompt_ids"] for e in examples]
 
 
 def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
@@ -30,11 +32,11 @@ def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) ->
     if ppo_cfg.task is not None:
         from rlhf.task import gold_reward as gold
     r = ppo_cfg.rollout
-    cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", cfgs["ppo"].policy.model.path,
-                           ppo_cfg.reward.model.path, held_out_prompts(ppo_cfg),
-                           Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
-                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed),
-                           gold=gold)
+    texts, ids = held_out_prompts(ppo_cfg)
+    sampling = Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
+                        top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed)
+    cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", model_dir(ppo_cfg.policy.model),
+                           model_dir(ppo_cfg.reward.model), texts, sampling, gold=gold, prompt_ids=ids)
     return {
         "sft": {"eval_perplexity": sft.get("eval/perplexity"), "eval_loss": sft.get("eval/loss")},
         "rm": {"eval_accuracy": rm.get("eval/accuracy"), "eval_margin": rm.get("eval/margin")},

@@ -39,6 +39,10 @@ class BaseStageConfig:
         """The model whose directory holds the tokenizer when tokenizer.path is unset."""
         return self.model
 
+    def models(self) -> dict[str, ModelConfig]:
+        """Every model the stage loads, by config key (for checks before any work)."""
+        return {"model": self.model}
+
     def validate(self, v: Validator) -> None:
         v.sub("tokenizer", self.tokenizer)
         v.sub("train", self.train)
@@ -289,6 +293,10 @@ class PPOConfig(BaseStageConfig):
 
     def primary_model(self) -> ModelConfig:
         return self.policy.model
+
+    def models(self) -> dict[str, ModelConfig]:
+        roles = ("policy", "value", "reward", "ref_policy")
+        return {f"{r}.model": getattr(self, r).model for r in roles if getattr(self, r).model.path is not None}
 
     def role_deepspeed(self, role: str) -> DeepSpeedConfig:
         return getattr(self, role).deepspeed or self.deepspeed
