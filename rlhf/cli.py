@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from rlhf.config import STAGES, ConfigError, check_batch_sizes, load_stage_config
+from rlhf.model_source import check_model_source
 
 def config_class(stage: str):
     from rlhf.config import PPOConfig, RMConfig, SFTConfig
@@ -119,6 +120,8 @@ def stage_command(stage: str, config: str, overrides: list[str], args: argparse.
 def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.Namespace) -> int:
     cfg = load_stage_config(config_class(stage), config, overrides)  # validation before anything runs
     check_batch_sizes(cfg, planned_world_size(args))
+    for key, model_cfg in cfg.models().items():
+        check_model_source(model_cfg, key)
     cmd, one_process = stage_command(stage, config, overrides, args)
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry_run:

@@ -32,7 +32,7 @@ class PadChoice:
 
     def describe(self) -> str:
         what = {"kept": "the tokenizer's own", "reused": "an existing unused token, reused",
-                "added": "added (the embeddings grow by one row)"}[self.how]
+                "added": "added to the vocabulary"}[self.how]
         return f"pad token {self.token!r} (id {self.id}): {what}"
 
 

@@ -138,3 +138,12 @@ def smollm2_dir(smollm2_gguf) -> Path:
     from rlhf.model_source import model_dir
 
     return Path(model_dir(ModelConfig(path=str(smollm2_gguf))))
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints of every tokenizer family in tests/families.py."""
+    from families import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name, TINY_ARCHS["llama"]) for name in FAMILIES}
