@@ -276,11 +276,38 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None
+    """Weights & Biases project to log to; None turns W&B logging off."""
+    name: str | None = None
+    """Run name; None: the output directory's name, e.g. `sft`."""
+    entity: str | None = None
+    """W&B entity (user or team); None: your default."""
+    group: str | None = None
+    """Group runs together (e.g. the stages of one pipeline)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the run."""
+    mode: Literal["online", "offline"] = "online"
+    """`offline` writes the run under OUTPUT_DIR/wandb with no network (upload it later
+    with `wandb sync`)."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     """Also write TensorBoard event files to OUTPUT_DIR/tensorboard."""
     progress_bar: bool = True
     """Show a progress bar (main rank only)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Also log every metric to Weights & Biases (main rank only); a resumed stage
+    continues the same W&B run."""
+
+    def validate(self, v: Validator) -> None:
+        if self.wandb.project is not None:
+            import importlib.util
+
+            v.check(importlib.util.find_spec("wandb") is not None, "wandb.project",
+                    "W&B logging needs the wandb package: pip install wandb")
 
 
 @dataclass

@@ -50,6 +50,7 @@ class BaseStageConfig:
         if not isinstance(self, PPOConfig):  # PPO checks each trained role instead
             self.deepspeed.validate_trainable(Validator(v.where, v.key("deepspeed")))
         v.sub("checkpoint", self.checkpoint)
+        v.sub("logging", self.logging)
         # Data files may not exist yet when the built-in task will write them.
         if self.task is None:
             v.sub("data", self.data)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rlhf.backbone import Backbone, list_checkpoints
-from rlhf.config import BaseStageConfig, dump
+from rlhf.config import BaseStageConfig, dump, to_dict
 from rlhf.data import StageData, build_stage_data
 from rlhf.data.batching import StepSampler, eval_batches
 from rlhf.metrics import MetricsWriter, plot_metrics
@@ -150,7 +150,8 @@ class Trainer:
             self.load_state(state, rank_state)
             self.backbone.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}")
         if self.backbone.is_main:
-            self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard)
+            self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard, self.cfg.logging.wandb,
+                                         to_dict(self.cfg))
 
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint, beyond models and optimizers (JSON)."""
