@@ -110,6 +110,7 @@ class Backbone:
         if self.accelerator.device_name() != "cpu":
             self.accelerator.set_device(self.local_rank)
         self.device = torch.device(self.accelerator.device_name(self.local_rank))
+        self._grad_norms: dict[int, float] = {}  # id(engine) -> norm, where DeepSpeed computes none
 
     # ------------------------------------------------------------------ who am I
 
@@ -255,6 +256,25 @@ class Backbone:
         if not trainable:
             engine.eval()
         return engine
+
+    def step(self, engine) -> None:
+        """`engine.step()` after each micro-batch's backward (DeepSpeed steps the optimizer
+        at accumulation boundaries only). At a boundary where DeepSpeed computes no
+        gradient norm (no ZeRO optimizer: stage 0 with a torch optimizer), compute it here,
+        before clipping, from the already averaged gradients: see `grad_norm`."""
+        if engine.is_gradient_accumulation_boundary() and not engine.zero_optimization():
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() if grads else 0.0
+            self._grad_norms[id(engine)] = norm
+        engine.step()
+
+    def grad_norm(self, engine) -> float:
+        """The global gradient norm (before clipping) of the engine's last optimizer step;
+        NaN before the first one."""
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._grad_norms.get(id(engine))
+        return float(norm) if norm is not None else float("nan")
 
     # ------------------------------------------------------------------ collectives
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from rlhf.config import STAGES, ConfigError, check_batch_sizes, load_stage_config
+from rlhf.model_source import check_model_source
 
 def config_class(stage: str):
     from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
@@ -119,6 +120,8 @@ def stage_command(stage: str, config: str, overrides: list[str], args: argparse.
 def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.Namespace) -> int:
     cfg = load_stage_config(config_class(stage), config, overrides)  # validation before anything runs
     check_batch_sizes(cfg, planned_world_size(args))
+    for key, model_cfg in cfg.models().items():
+        check_model_source(model_cfg, key)
     cmd, one_process = stage_command(stage, config, overrides, args)
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry_run:
@@ -139,7 +142,10 @@ def chat(args: argparse.Namespace) -> int:
 
     from rlhf.evaluate import load_policy
 
+    from rlhf.tokens import stop_token_ids
+
     model, tok = load_policy(args.model_dir)
+    stops = stop_token_ids(tok, args.model_dir)
     use_template = tok.chat_template is not None and not args.raw
     history: list[dict[str, str]] = []
 
@@ -154,7 +160,7 @@ def chat(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                              temperature=None if args.greedy else args.temperature,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
         reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         if use_template:
             history.append({"role": "assistant", "content": reply})
@@ -188,13 +194,13 @@ def evaluate(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(path=args.prompts, max_length=10**6, max_prompt_length=10**6 - 1)
     rows, _ = load_rows(data_cfg, 2)
     examples, _ = tokenize_prompts(rows, load_tokenizer(TokenizerConfig(path=args.policy)), data_cfg)
-    prompts = [e["prompt"] for e in examples][: args.limit]
+    examples = examples[: args.limit]
     gold = None
     if args.task_gold:
         from rlhf.task import gold_reward as gold
-    result = compare_policies(args.policy, args.baseline, args.reward_model, prompts,
+    result = compare_policies(args.policy, args.baseline, args.reward_model, [e["prompt"] for e in examples],
                               Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       seed=args.seed), gold=gold)
+                                       seed=args.seed), gold=gold, prompt_ids=[e["prompt_ids"] for e in examples])
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text)

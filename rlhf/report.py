@@ -9,11 +9,13 @@ from typing import Any
 from rlhf.config import STAGES
 from rlhf.evaluate import Sampling, compare_policies
 from rlhf.metrics import read_metrics
+from rlhf.model_source import model_dir
 
 
-def held_out_prompts(cfg, stage_index: int = 2) -> list[str]:
-    """A stage's evaluation prompts (its training prompts if it has none), as text:
-    PPO's prompts (stage_index 2), or the prompts of DPO's pairs (1)."""
+def held_out_prompts(cfg, stage_index: int = 2) -> tuple[list[str], list[list[int]]]:
+    """A stage's evaluation prompts (its training prompts if it has none): texts and token
+    ids, as the trainer tokenized them. PPO's prompts (stage_index 2), or the prompts of
+    DPO's pairs (1)."""
     from rlhf.data.formats import tokenize_prompts
     from rlhf.data.sources import load_rows
     from rlhf.models import load_tokenizer
@@ -21,7 +23,7 @@ def held_out_prompts(cfg, stage_index: int = 2) -> list[str]:
     train, ev = load_rows(cfg.data, stage_index)
     tok = load_tokenizer(cfg.tokenizer, cfg.primary_model())
     examples, _ = tokenize_prompts(ev or train, tok, cfg.data)
-    return [e["prompt"] for e in examples]
+    return [e["prompt"] for e in examples], [e["prompt_ids"] for e in examples]
 
 
 def finished(cfgs: dict[str, Any], stage: str) -> bool:
@@ -62,11 +64,11 @@ def task_gold(cfg):
 
 def ppo_section(ppo_cfg) -> tuple[dict[str, Any], list[dict]]:
     r = ppo_cfg.rollout
-    cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", ppo_cfg.policy.model.path,
-                           ppo_cfg.reward.model.path, held_out_prompts(ppo_cfg),
-                           Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
-                                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed),
-                           gold=task_gold(ppo_cfg))
+    texts, ids = held_out_prompts(ppo_cfg)
+    sampling = Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
+                        top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed)
+    cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", model_dir(ppo_cfg.policy.model),
+                           model_dir(ppo_cfg.reward.model), texts, sampling, gold=task_gold(ppo_cfg), prompt_ids=ids)
     return {
         "prompts": cmp["prompts"],
         "gold_reward_sft": cmp.get("gold_baseline"),
@@ -85,10 +87,16 @@ def dpo_section(dpo_cfg) -> dict[str, Any]:
     """The DPO policy against its start (the SFT policy) on the held-out pairs' prompts,
     each once: gold reward (built-in task), win rate, KL; no reward model is involved."""
     s = dpo_cfg.eval_sampling
-    prompts = list(dict.fromkeys(held_out_prompts(dpo_cfg, 1)))
-    cmp = compare_policies(Path(dpo_cfg.output_dir) / "final", dpo_cfg.model.path, None, prompts,
+    texts, ids = held_out_prompts(dpo_cfg, 1)
+    first: dict[str, int] = {}  # each prompt once
+    for i, t in enumerate(texts):
+        first.setdefault(t, i)
+    once = list(first.values())
+    cmp = compare_policies(Path(dpo_cfg.output_dir) / "final", model_dir(dpo_cfg.model), None,
+                           [texts[i] for i in once],
                            Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                    top_p=s.top_p, seed=dpo_cfg.seed), gold=task_gold(dpo_cfg))
+                                    top_p=s.top_p, seed=dpo_cfg.seed), gold=task_gold(dpo_cfg),
+                           prompt_ids=[ids[i] for i in once])
     final = final_metrics(dpo_cfg)
     return {
         "eval_reward_accuracy": final.get("eval/reward_accuracy"),

@@ -30,7 +30,11 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """A Hugging Face model directory or hub name to load weights from."""
+    """A Hugging Face model directory, a hub name, or a GGUF file (`*.gguf`, converted once
+    per machine to an fp32 HF directory under $RLHF_CACHE/models) to load weights from."""
+    gguf_file: str | None = None
+    """A GGUF file inside `path` (a directory or hub repo), as `from_pretrained(path,
+    gguf_file=...)` takes it; None when `path` is a HF directory or a .gguf file itself."""
     arch: dict[str, Any] | None = None
     """Build a randomly initialised model from this HF config instead of loading one,
     e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2}. Exclusive with `path`."""
@@ -48,6 +52,8 @@ class ModelConfig:
         v.check(self.path is not None or self.arch is not None, "path",
                 "set model.path (a HF model directory or hub name) or model.arch (a config to build from)")
         v.check(self.path is None or self.arch is None, "arch", "set model.path or model.arch, not both")
+        v.check(self.gguf_file is None or self.path is not None, "gguf_file",
+                "needs model.path: the directory or hub repo that holds the GGUF file")
         if self.arch is not None:
             v.check("model_type" in self.arch, "arch", "needs a model_type, e.g. llama, gpt2, opt")
         if self.dropout is not None:
@@ -59,10 +65,18 @@ class ModelConfig:
 class TokenizerConfig:
     path: str | None = None
     """Tokenizer directory or hub name; None uses model.path."""
-    pad_token: str = "<|pad|>"
-    """Added as the pad token when the tokenizer has none or pads with EOS (then the
-    embeddings are resized). Pad and EOS must differ: masks are built from positions,
-    and a pad equal to EOS hides every generated EOS."""
+    pad_token: str = "auto"
+    """The pad token, which must differ from every token that ends a response (masks are
+    built from positions; a pad equal to EOS would hide every generated EOS). `auto`
+    keeps the tokenizer's own pad when it is not an end token, else reuses an unused
+    special token the vocabulary has (`<|finetune_right_pad_id|>`, `<|pad|>`, `<pad>`,
+    `[PAD]`, `<|padding|>`, `<|endoftext|>`, then the unk token), else adds `<|pad|>`
+    (the embeddings grow by one row). A token string: reused when the vocabulary has it,
+    added when it does not. The choice is printed at start."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Tokens that end a response besides the ones found automatically: the tokenizer's
+    EOS, the chat template's end-of-turn token and the model's generation_config
+    eos_token_id list."""
     chat_template: str | None = None
     """A Jinja chat template (or a path to a file holding one) replacing the tokenizer's."""
 
@@ -262,11 +276,38 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None
+    """Weights & Biases project to log to; None turns W&B logging off."""
+    name: str | None = None
+    """Run name; None: the output directory's name, e.g. `sft`."""
+    entity: str | None = None
+    """W&B entity (user or team); None: your default."""
+    group: str | None = None
+    """Group runs together (e.g. the stages of one pipeline)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the run."""
+    mode: Literal["online", "offline"] = "online"
+    """`offline` writes the run under OUTPUT_DIR/wandb with no network (upload it later
+    with `wandb sync`)."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     """Also write TensorBoard event files to OUTPUT_DIR/tensorboard."""
     progress_bar: bool = True
     """Show a progress bar (main rank only)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Also log every metric to Weights & Biases (main rank only); a resumed stage
+    continues the same W&B run."""
+
+    def validate(self, v: Validator) -> None:
+        if self.wandb.project is not None:
+            import importlib.util
+
+            v.check(importlib.util.find_spec("wandb") is not None, "wandb.project",
+                    "W&B logging needs the wandb package: pip install wandb")
 
 
 @dataclass

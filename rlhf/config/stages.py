@@ -39,6 +39,10 @@ class BaseStageConfig:
         """The model whose directory holds the tokenizer when tokenizer.path is unset."""
         return self.model
 
+    def models(self) -> dict[str, ModelConfig]:
+        """Every model the stage loads, by config key (for checks before any work)."""
+        return {"model": self.model}
+
     def validate(self, v: Validator) -> None:
         v.sub("tokenizer", self.tokenizer)
         v.sub("train", self.train)
@@ -46,6 +50,7 @@ class BaseStageConfig:
         if not isinstance(self, PPOConfig):  # PPO checks each trained role instead
             self.deepspeed.validate_trainable(Validator(v.where, v.key("deepspeed")))
         v.sub("checkpoint", self.checkpoint)
+        v.sub("logging", self.logging)
         # Data files may not exist yet when the built-in task will write them.
         if self.task is None:
             v.sub("data", self.data)
@@ -290,6 +295,10 @@ class PPOConfig(BaseStageConfig):
     def primary_model(self) -> ModelConfig:
         return self.policy.model
 
+    def models(self) -> dict[str, ModelConfig]:
+        roles = ("policy", "value", "reward", "ref_policy")
+        return {f"{r}.model": getattr(self, r).model for r in roles if getattr(self, r).model.path is not None}
+
     def role_deepspeed(self, role: str) -> DeepSpeedConfig:
         return getattr(self, role).deepspeed or self.deepspeed
 
@@ -392,6 +401,9 @@ class DPOConfig(BaseStageConfig):
                 v.check(m.attn_implementation in (None, "sdpa", "eager"), f"{key}.attn_implementation",
                         f"dpo.shared_prefix needs a custom attention mask, which sdpa and eager take and "
                         f"{m.attn_implementation} does not; use sdpa or set dpo.shared_prefix=false")
+
+    def models(self) -> dict[str, ModelConfig]:
+        return {"model": self.model, **({"ref_model": self.ref_model} if self.has_own_reference() else {})}
 
     def has_own_reference(self) -> bool:
         """Whether ref_model names a model (otherwise the reference is the policy's start)."""

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from rlhf.backbone import Backbone, list_checkpoints
-from rlhf.config import BaseStageConfig, dump
+from rlhf.config import BaseStageConfig, dump, to_dict
 from rlhf.data import StageData, build_stage_data
 from rlhf.data.batching import StepSampler, eval_batches
 from rlhf.metrics import MetricsWriter, plot_metrics
-from rlhf.models import load_tokenizer
+from rlhf.model_source import check_model_source, model_dir
+from rlhf.models import load_tokenizer, response_stop_ids
 
 
 class RunDirError(ValueError):
@@ -92,7 +93,9 @@ class Trainer:
             from rlhf.task import materialize
 
             bb.main_first(lambda: materialize(cfg.task), local=False)
-        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.primary_model())
+        bb.main_first(lambda: prepare_models(cfg))
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.primary_model(), log=lambda m: bb.print(f"[{self.stage}] {m}"))
+        self.stop_ids = response_stop_ids(self.tokenizer, cfg.tokenizer, cfg.primary_model())
         self.data = bb.main_first(lambda: build_stage_data(self.stage, cfg.data, self.tokenizer))
         bb.print(f"[{self.stage}] data: {self.data.summary}")
         self.accumulation = cfg.train.accumulation_steps(bb.world_size)
@@ -147,7 +150,8 @@ class Trainer:
             self.load_state(state, rank_state)
             self.backbone.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}")
         if self.backbone.is_main:
-            self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard)
+            self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard, self.cfg.logging.wandb,
+                                         to_dict(self.cfg))
 
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint, beyond models and optimizers (JSON)."""
@@ -279,6 +283,16 @@ class Trainer:
     @property
     def dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.deepspeed.precision]
+
+
+def prepare_models(cfg: BaseStageConfig) -> None:
+    """Check every model source of the stage (one line naming the key on failure) and
+    convert GGUF checkpoints into the cache, before any data work. Run on one rank per
+    node first (`main_first`), so a conversion happens once."""
+    for key, model_cfg in cfg.models().items():
+        check_model_source(model_cfg, key)
+    for model_cfg in cfg.models().values():
+        model_dir(model_cfg)
 
 
 __all__ = ["Trainer", "RunDirError", "StageData"]

@@ -31,7 +31,7 @@ from rlhf.data.batching import collate_pairs, collate_pairs_shared_prefix, colla
 from rlhf.losses import dpo_loss, logprobs_from_logits, sequence_logprobs
 from rlhf.models import (apply_lora, custom_attention_mask, load_causal_lm, model_type, position_ids_from_mask,
                          save_pretrained)
-from rlhf.rollout import generate, torch_linear
+from rlhf.rollout import generate, is_stop, torch_linear
 from rlhf.trainers.base import Trainer
 from rlhf.trainers.reward import check_shared_prefix_supported
 
@@ -57,7 +57,7 @@ class DPOTrainer(Trainer):
             if cfg.has_own_reference():
                 check_shared_prefix_supported(model_type(cfg.ref_model))
         with bb.model_init(cfg.deepspeed):
-            model = load_causal_lm(self.role_model("policy"), self.tokenizer, self.dtype)
+            model = load_causal_lm(self.role_model("policy"), self.tokenizer, self.dtype, self.stop_ids)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         self.policy = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)
@@ -89,7 +89,7 @@ class DPOTrainer(Trainer):
         """A frozen engine of the reference."""
         bb = self.backbone
         with bb.model_init(self.cfg.deepspeed, trainable=False):
-            ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype)
+            ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype, self.stop_ids)
         return bb.wrap(ref, self.cfg.deepspeed)
 
     def resume(self) -> None:
@@ -206,12 +206,10 @@ class DPOTrainer(Trainer):
         for batch in micro_batches:
             loss, stats = self.compute_loss(batch)
             self.policy.backward(loss)
-            self.policy.step()
+            self.backbone.step(self.policy)
             add_stats(sums, loss, stats, batch)
         out = self.reduce(sums, "train")
-        grad_norm = self.policy.get_global_grad_norm()
-        out.update({"train/lr": self.policy.get_lr()[0],
-                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        out.update({"train/lr": self.policy.get_lr()[0], "train/grad_norm": self.backbone.grad_norm(self.policy),
                     "train/pairs_per_s": out.pop("train/pairs") / (time.perf_counter() - t0)})
         return out
 
@@ -259,9 +257,9 @@ class DPOTrainer(Trainer):
         with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
             response, action_mask, _ = generate(self.policy, batch["input_ids"].to(dev),
                                                 batch["attention_mask"].to(dev), rollout, self.tokenizer,
-                                                cfg.deepspeed.zero_stage)
+                                                cfg.deepspeed.zero_stage, stop_ids=self.stop_ids)
         response, action_mask = response[:real].cpu(), action_mask[:real].cpu()
-        eos = ((response == self.tokenizer.eos_token_id) & action_mask.bool()).any(1)
+        eos = (is_stop(response, self.stop_ids) & action_mask.bool()).any(1)
         sums = [action_mask.sum().item(), eos.sum().item(), 0.0, float(real)]
         if self.gold_reward is not None:
             for p, r, m in zip(prompts, response, action_mask):

@@ -34,7 +34,7 @@ from rlhf.losses import gae, lm_loss, make_kl_controller, masked_sum, policy_los
 from rlhf.losses import compute_rewards as reward_with_kl
 from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained,
                          sequence_scores)
-from rlhf.rollout import full_sequence, generate, response_logprobs, response_values, torch_linear
+from rlhf.rollout import full_sequence, generate, is_stop, response_logprobs, response_values, torch_linear
 from rlhf.trainers.base import Trainer
 
 
@@ -96,23 +96,23 @@ class PPOTrainer(Trainer):
         # policy: the model being trained (actor)
         policy_cfg = self.role_model("policy")
         with bb.model_init(cfg.role_deepspeed("policy")):
-            policy = load_causal_lm(policy_cfg, self.tokenizer, self.dtype)
+            policy = load_causal_lm(policy_cfg, self.tokenizer, self.dtype, self.stop_ids)
         policy = apply_lora(policy, policy_cfg.lora, "CAUSAL_LM")
         self.policy = bb.wrap(policy, cfg.role_deepspeed("policy"), cfg.policy.optim, micro, self.accumulation,
                               optimizer_steps)
         # value: estimates future reward per token (critic), by default from the reward model
         value_cfg = self.role_model("value")
         with bb.model_init(cfg.role_deepspeed("value")):
-            value = load_scalar_model(value_cfg, self.tokenizer, self.dtype)
+            value = load_scalar_model(value_cfg, self.tokenizer, self.dtype, self.stop_ids)
         value = ScalarModel(apply_lora(value, value_cfg.lora, "SEQ_CLS"))
         self.value = bb.wrap(value, cfg.role_deepspeed("value"), cfg.value.optim, micro, self.accumulation,
                              optimizer_steps)
         # reward model and reference policy: frozen, inference-only engines
         with bb.model_init(cfg.role_deepspeed("reward"), trainable=False):
-            reward = ScalarModel(load_scalar_model(cfg.reward.model, self.tokenizer, self.dtype))
+            reward = ScalarModel(load_scalar_model(cfg.reward.model, self.tokenizer, self.dtype, self.stop_ids))
         self.reward = bb.wrap(reward, cfg.role_deepspeed("reward"))
         with bb.model_init(cfg.role_deepspeed("ref_policy"), trainable=False):
-            ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype)
+            ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype, self.stop_ids)
         self.ref_policy = bb.wrap(ref, cfg.role_deepspeed("ref_policy"))
         self.engines = {"policy": self.policy, "value": self.value}
 
@@ -151,7 +151,9 @@ class PPOTrainer(Trainer):
         tokenizer. Refuse a mismatch at start instead of scoring garbage."""
         from transformers import AutoTokenizer
 
-        path = self.cfg.reward.model.path
+        from rlhf.model_source import model_dir
+
+        path = model_dir(self.cfg.reward.model)
         if path is None or not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             return
         theirs = AutoTokenizer.from_pretrained(path)
@@ -204,7 +206,8 @@ class PPOTrainer(Trainer):
         rollout = self.cfg.rollout
         response, action_mask, logprobs = generate(self.policy, prompt_ids, prompt_mask, rollout, self.tokenizer,
                                                    self.cfg.role_deepspeed("policy").zero_stage,
-                                                   with_logprobs=rollout.logprobs_from_generation)
+                                                   with_logprobs=rollout.logprobs_from_generation,
+                                                   stop_ids=self.stop_ids)
         logprobs, ref_logprobs, values, scores = self.score_responses(prompt_ids, prompt_mask, response,
                                                                       action_mask, logprobs)
         return Experience(prompt_ids, prompt_mask, response, action_mask, logprobs, ref_logprobs, values, scores,
@@ -249,7 +252,7 @@ class PPOTrainer(Trainer):
                               ppo.clip_score, ppo.kl_estimator)
 
     def has_eos(self, exp: Experience) -> torch.Tensor:
-        return ((exp.response_ids == self.tokenizer.eos_token_id) & exp.action_mask.bool()).any(dim=1)
+        return (is_stop(exp.response_ids, self.stop_ids) & exp.action_mask.bool()).any(dim=1)
 
     # ------------------------------------------------------------------ 3. advantages
 
@@ -318,12 +321,12 @@ class PPOTrainer(Trainer):
             if self.ptx is not None:
                 loss = loss + cfg.ppo.ptx.coef * self.ptx_loss()
             self.policy.backward(loss)
-            self.policy.step()
+            bb.step(self.policy)
 
             values = response_values(self.value, input_ids, attention_mask, P)
             v_loss, v_stats = value_loss(values, mb.values, mb.returns, mask, cfg.ppo.value_clip_range, normalizer)
             self.value.backward(v_loss)
-            self.value.step()
+            bb.step(self.value)
 
             n = mask.sum().item()
             sums += torch.tensor([pg_loss.item() * normalizer, v_loss.item() * normalizer, ent.item() * normalizer,
@@ -333,7 +336,10 @@ class PPOTrainer(Trainer):
         s = bb.all_reduce(sums) / max(n_tokens, 1.0)
         names = ["policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio", "value_clipfrac",
                  "value_error"]
-        return {f"ppo/{k}": s[i].item() for i, k in enumerate(names)}
+        stats = {f"ppo/{k}": s[i].item() for i, k in enumerate(names)}
+        stats["ppo/policy_grad_norm"] = bb.grad_norm(self.policy)
+        stats["ppo/value_grad_norm"] = bb.grad_norm(self.value)
+        return stats
 
     def ptx_loss(self) -> torch.Tensor:
         """Language-model loss on one micro-batch of the ptx data (InstructGPT's PPO-ptx)."""

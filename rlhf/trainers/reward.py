@@ -27,7 +27,7 @@ class RewardTrainer(Trainer):
         if cfg.reward.shared_prefix:
             check_shared_prefix_supported(model_type(cfg.model))
         with bb.model_init(cfg.deepspeed):
-            model = load_scalar_model(cfg.model, self.tokenizer, self.dtype)
+            model = load_scalar_model(cfg.model, self.tokenizer, self.dtype, self.stop_ids)
         model = ScalarModel(apply_lora(model, cfg.model.lora, "SEQ_CLS"))
         self.reward = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)
@@ -60,7 +60,7 @@ class RewardTrainer(Trainer):
         for batch in micro_batches:
             loss, chosen, rejected = self.compute_loss(batch)
             self.reward.backward(loss)
-            self.reward.step()
+            bb.step(self.reward)
             loss_sum += loss.item() * chosen.numel()
             correct += int((chosen > rejected).sum())
             chosen_sum += chosen.sum().item()
@@ -68,14 +68,13 @@ class RewardTrainer(Trainer):
             pairs += chosen.numel()
         t = bb.all_reduce(torch.tensor([loss_sum, correct, chosen_sum, rejected_sum, pairs], dtype=torch.float64))
         n = t[4].item()
-        grad_norm = self.reward.get_global_grad_norm()
         return {
             "train/loss": t[0].item() / n,
             "train/accuracy": t[1].item() / n,
             "train/chosen_score": t[2].item() / n,
             "train/rejected_score": t[3].item() / n,
             "train/lr": self.reward.get_lr()[0],
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": bb.grad_norm(self.reward),
             "train/pairs_per_s": n / (time.perf_counter() - t0),
         }
 

@@ -26,7 +26,7 @@ class SFTTrainer(Trainer):
         if cfg.data.packing:
             check_packing_supported(model_type(cfg.model))
         with bb.model_init(cfg.deepspeed):
-            model = load_causal_lm(cfg.model, self.tokenizer, self.dtype)
+            model = load_causal_lm(cfg.model, self.tokenizer, self.dtype, self.stop_ids)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         self.policy = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)
@@ -73,15 +73,14 @@ class SFTTrainer(Trainer):
         for batch in micro_batches:
             loss = self.compute_loss(batch, normalizer)
             self.policy.backward(loss)
-            self.policy.step()
+            bb.step(self.policy)
             loss_sum += loss.item()
         loss_total = bb.all_reduce(torch.tensor(loss_sum)).item() / (self.accumulation * bb.world_size)
         elapsed = time.perf_counter() - t0
-        grad_norm = self.policy.get_global_grad_norm()
         return {
             "train/loss": loss_total,
             "train/lr": self.policy.get_lr()[0],
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": bb.grad_norm(self.policy),
             "train/tokens_per_s": counts[1].item() / elapsed,
             "train/response_tokens": counts[0].item(),
         }
