@@ -236,9 +236,10 @@ def test_dpo_learns_and_exports(tmp_path, policy_dir, pairs, task_dir, backbone)
     final = trainer.finish()
     after = weights(trainer)
     out = tmp_path / "out"
-    # at the start the policy is its own reference: every implicit reward is exactly 0
+    # at the start the policy is its own reference: every implicit reward is 0 (to fp32 rounding: the
+    # reference pass batches pairs by length, so its padding and summation order differ)
     assert metric(out, "eval/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert metric(out, "eval/margin")[0] == 0.0
+    assert metric(out, "eval/margin")[0] == pytest.approx(0.0, abs=1e-5)
     # it learned which response of a held-out pair is better, and every weight moved
     assert final["eval/reward_accuracy"] >= 0.8 and final["eval/loss"] < 0.6, final  # from log 2 = 0.693
     assert final["eval/margin"] > 0 and final["eval/chosen_reward"] > final["eval/rejected_reward"]
