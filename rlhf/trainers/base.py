@@ -206,8 +206,11 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
-    def eval_index_batches(self, n: int):
-        size = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+    def eval_index_batches(self, n: int, size: int | None = None):
+        """This rank's share of `n` evaluation samples as (indices, real) batches: the
+        same number of batches, of the same sizes, on every rank (see `eval_batches`);
+        the results of the samples past `real` are padding, to be left out."""
+        size = size or self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
         return eval_batches(n, size, self.backbone.world_size, self.backbone.rank)
 
     # ------------------------------------------------------------------ 4. finish

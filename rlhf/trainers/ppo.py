@@ -410,14 +410,15 @@ class PPOTrainer(Trainer):
         size = cfg.rollout.micro_batch_size or self.prompts_per_rank
         sums = torch.zeros(6, dtype=torch.float64)
         with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
-            for idx in self.eval_index_batches(len(self.data.eval), size):
-                prompts = [self.data.eval[i] for i in idx]
-                exp = self.make_experience(prompts)
+            for idx, real in self.eval_index_batches(len(self.data.eval), size):
+                # Every rank samples and scores batches of the same sizes (its passes are
+                # collectives under ZeRO-3); only the first `real` rows are its own share.
+                exp = self.make_experience([self.data.eval[i] for i in idx]).select(torch.arange(real))
                 mask = exp.action_mask.float()
                 kl = masked_sum(exp.logprobs - exp.ref_logprobs, mask, dim=1)
                 gold = sum(self.gold_rewards(exp)) if self.gold_reward is not None else 0.0
                 sums += torch.tensor([exp.scores.sum().item(), kl.sum().item(), mask.sum().item(),
-                                      self.has_eos(exp).sum().item(), gold, len(prompts)], dtype=torch.float64)
+                                      self.has_eos(exp).sum().item(), gold, real], dtype=torch.float64)
         s = bb.all_reduce(sums)
         n = max(s[5].item(), 1.0)
         out = {"eval/score": s[0].item() / n, "eval/kl": s[1].item() / n, "eval/response_length": s[2].item() / n,
@@ -425,11 +426,6 @@ class PPOTrainer(Trainer):
         if self.gold_reward is not None:
             out["eval/gold_reward"] = s[4].item() / n
         return out
-
-    def eval_index_batches(self, n: int, size: int | None = None):
-        from rlhf.data.batching import eval_batches
-
-        return eval_batches(n, size or self.prompts_per_rank, self.backbone.world_size, self.backbone.rank)
 
     # ------------------------------------------------------------------ EMA, state, export
 

@@ -1,0 +1,86 @@
+"""No rank waits forever: every loop that runs collectives makes the same passes on every
+rank (evaluation splits that do not divide, under ZeRO-3 with every layer partitioned),
+and a rank that dies ends the others within the collective timeout, with a message."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_ARCHS, subprocess_env
+from rlhf.data.batching import eval_batches
+from test_distributed import free_port
+from test_ppo import metrics, models  # noqa: F401 (models: a fixture)
+from test_sft import write_sft_data
+
+# Every parameter partitioned, as a real-size model's are: then each forward pass is a
+# collective (tiny layers otherwise stay whole under the default persistence threshold).
+ZERO3_PARTITIONED = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"]
+
+
+@pytest.mark.parametrize("n,size,world", [(65, 16, 2), (64, 16, 2), (5, 4, 4), (3, 2, 4), (17, 8, 2), (7, 3, 1)])
+def test_eval_batches_same_passes_on_every_rank_and_every_sample_once(n, size, world):
+    per_rank = [list(eval_batches(n, size, world, r)) for r in range(world)]
+    # the same number of batches, of the same sizes, on every rank
+    assert len({tuple(len(idx) for idx, _ in batches) for batches in per_rank}) == 1
+    # the real samples, all ranks together, are each sample exactly once
+    real = sorted(i for batches in per_rank for idx, k in batches for i in idx[:k])
+    assert real == list(range(n))
+    assert all(len(idx) <= size for batches in per_rank for idx, _ in batches)
+
+
+def run_jobs(jobs, tmp_path, timeout=600):
+    """Run [stage, overrides] jobs on 2 CPU ranks in one launcher start (tests/dist_jobs.py).
+    A hang fails the test at `timeout` instead of hanging it."""
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "dist_jobs.py"), str(spec)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and "DIST_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def eval_rows(out):
+    return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in metrics(out) if "eval/loss" in r
+            or "eval/score" in r]
+
+
+def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path, tokenizer_dir, task_dir, models,
+                                                                       backbone):
+    from dist_run import trainer_class
+    from rlhf.cli import config_class
+    from rlhf.config import load_stage_config
+
+    # 65 eval rows over 2 ranks in batches of 16: rank 0 has 3 batches, rank 1 only 2.
+    sft_eval = write_sft_data(tmp_path / "sft_eval.jsonl", 65, seed=1)
+    pairs_eval = tmp_path / "pairs_eval.jsonl"
+    pairs_eval.write_text("".join((task_dir / "pairs_eval.jsonl").read_text().splitlines(True)[:65]))
+    # 17 prompts in batches of 4 (rank 0: 4 + 4 + 1, rank 1: 4 + 4 + none), each scored in
+    # chunks of 2; greedy (top_k=1), so that 1 rank and 2 ranks draw the same responses.
+    prompts_eval = tmp_path / "prompts_eval.jsonl"
+    prompts_eval.write_text("".join((task_dir / "prompts_eval.jsonl").read_text().splitlines(True)[:17]))
+    common = ["train.max_steps=2", "logging.progress_bar=false", "model.dropout=0.0"]
+    jobs = {
+        "sft": [f"tokenizer.path={tokenizer_dir}", f"data.path={write_sft_data(tmp_path / 'sft.jsonl', 64)}",
+                f"data.eval.path={sft_eval}", "data.max_length=32", "train.global_batch_size=32",
+                "train.micro_batch_size=16", f"model.arch={json.dumps(TINY_ARCHS['llama'])}", *common],
+        "rm": [f"model.path={models / 'policy'}", f"data.path={task_dir / 'pairs_train.jsonl'}",
+               f"data.eval.path={pairs_eval}", "data.max_samples=64", "data.max_length=48",
+               "train.global_batch_size=32", "train.micro_batch_size=16", *common],
+        "ppo": [f"policy.model.path={models / 'policy'}", f"value.model.path={models / 'rm'}",
+                f"reward.model.path={models / 'rm'}", f"data.path={task_dir / 'prompts_train.jsonl'}",
+                f"data.eval.path={prompts_eval}", "data.max_samples=64", "rollout.batch_size=8",
+                "rollout.max_new_tokens=8", "rollout.top_k=1", "train.global_batch_size=8",
+                "train.micro_batch_size=2", "ppo.epochs=1", "logging.progress_bar=false", "train.max_steps=2"],
+    }
+    run_jobs([[s, [f"output_dir={tmp_path / 'two' / s}", *ov, *ZERO3_PARTITIONED]] for s, ov in jobs.items()],
+             tmp_path)
+    for stage, overrides in jobs.items():
+        cfg = load_stage_config(config_class(stage), None, [f"output_dir={tmp_path / 'one' / stage}", *overrides,
+                                                            *ZERO3_PARTITIONED])
+        trainer_class(stage)(cfg, backbone).fit()
+        one, two = eval_rows(tmp_path / "one" / stage), eval_rows(tmp_path / "two" / stage)
+        assert len(one) == 2 and len(two) == 2, stage  # at the start and at the end
+        for a, b in zip(one, two):  # every eval sample counted once: the 1-rank figures
+            assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (stage, a, b)
