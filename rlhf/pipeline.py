@@ -71,12 +71,23 @@ def load_pipeline(config: str, overrides: list[str], world_size: int):
     return data, root, cfgs, filled
 
 
+def finished(output_dir: str) -> bool:
+    """Whether a stage's directory holds a finished run: final/ beside the config.yaml
+    every run writes. A final/ alone is someone else's: refused, not skipped."""
+    out = Path(output_dir)
+    if (out / "final").is_dir() and not (out / "config.yaml").is_file():
+        raise ConfigError(f"output_dir {out} holds final/ but no config.yaml: it is not an rlhf run directory; "
+                          "choose a new output_dir")
+    return (out / "final").is_dir()
+
+
 def run_pipeline(config: str, overrides: list[str], stages: list[str], args: argparse.Namespace) -> int:
     from rlhf.cli import launch_stage, planned_world_size, stage_command
 
     data, root, cfgs, filled = load_pipeline(config, overrides, planned_world_size(args))
     root_dir = Path(root)
     resolved = root_dir / "pipeline.yaml"
+    done = {stage: finished(cfgs[stage].output_dir) for stage in stages}  # refuses foreign directories first
     if args.dry_run:  # every config is valid; show the commands, write nothing
         for stage in stages:
             print("$ " + " ".join(stage_command(stage, str(resolved), [], args)[0]))
@@ -88,7 +99,7 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
     timings_path = root_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for stage in stages:
-        if (Path(cfgs[stage].output_dir) / "final").is_dir():
+        if done[stage]:
             print(f"[pipeline] {stage}: finished before, skipped ({cfgs[stage].output_dir}/final)")
             continue
         print(f"[pipeline] {stage}: starting", flush=True)
@@ -99,7 +110,7 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
         if rc != 0:
             print(f"[pipeline] {stage} failed (exit {rc}); re-run the same command to resume it")
             return rc
-    if all((Path(cfg.output_dir) / "final").is_dir() for cfg in cfgs.values()):
+    if all(finished(cfg.output_dir) for cfg in cfgs.values()):
         from rlhf.report import write_report
 
         write_report(root_dir, cfgs, timings)

@@ -81,7 +81,10 @@ class Trainer:
         return self.finish()
 
     def is_finished(self) -> bool:
-        return self.cfg.checkpoint.resume == "auto" and (self.out / "final").is_dir()
+        """A finished run of ours: final/ beside our config.yaml. A final/ without it
+        belongs to something else, and setup refuses the directory."""
+        return (self.cfg.checkpoint.resume == "auto" and (self.out / "final").is_dir()
+                and (self.out / "config.yaml").is_file())
 
     # ------------------------------------------------------------------ 1. setup
 
