@@ -12,8 +12,12 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -82,6 +86,20 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the duration (C++ code writes there directly)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,7 +113,12 @@ class Backbone:
     (then it sets the rank variables itself, so no launcher is needed for one rank).
     """
 
-    def __init__(self) -> None:
+    timeout_minutes = 30.0
+
+    def __init__(self, timeout_minutes: float = 30.0) -> None:
+        """`timeout_minutes`: how long a collective waits for the other ranks before it
+        fails (a rank that died or stalls then ends the others instead of hanging them).
+        Fixed when the process group starts: a second Backbone keeps the first's."""
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1")
@@ -103,7 +126,8 @@ class Backbone:
         self.accelerator = get_accelerator()
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend=self.accelerator.communication_backend_name(),
-                                       verbose=False)
+                                       verbose=False, timeout=timedelta(minutes=timeout_minutes))
+            Backbone.timeout_minutes = timeout_minutes  # the process group's, for every Backbone
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -295,6 +319,41 @@ class Backbone:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def collective_failure(self, error: BaseException, wait_s: float = 5.0) -> str | None:
+        """A one-line account of `error` if it is a failed collective (a peer rank died,
+        or stalled past the timeout), naming the ranks that no longer answer; None for
+        any other error.
+
+        The lost ranks are found through the rendezvous store: every rank that fails
+        checks in there, and those that have not within `wait_s` are named. The store
+        lives in rank 0's process, so when it is gone, rank 0 is."""
+        text = str(error)
+        if not (isinstance(error, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
+            return None
+        lost = "a peer rank"
+        try:
+            with _stderr_silenced():  # a store client whose server is gone logs a C++ stack trace
+                missing = self._ranks_not_checked_in(wait_s)
+            if missing:
+                lost = "rank " + ", ".join(map(str, missing))
+        except Exception:  # the store is unreachable: its host, rank 0, is gone
+            if self.rank != 0:
+                lost = "rank 0"
+        # gloo's text is "[file.cc:line] what happened. Advice...": keep what happened.
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "").split(". ")[0]
+        return (f"rank {self.rank} lost {lost} (it died, or stalled longer than the collective timeout of "
+                f"{self.timeout_minutes:g} min): {detail}")
+
+    def _ranks_not_checked_in(self, wait_s: float) -> list[int]:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait_s))
+        store.set(f"rlhf/failed/{self.rank}", "1")
+        keys = {r: f"rlhf/failed/{r}" for r in range(self.world_size)}
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not store.check(list(keys.values())):
+            time.sleep(0.1)
+        return [r for r, k in keys.items() if not store.check([k])]
 
     # ------------------------------------------------------------------ checkpoints
 

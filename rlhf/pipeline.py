@@ -82,6 +82,7 @@ def finished(output_dir: str) -> bool:
 
 
 def run_pipeline(config: str, overrides: list[str], stages: list[str], args: argparse.Namespace) -> int:
+    from launch.common import EXIT_PREEMPTED
     from rlhf.cli import launch_stage, planned_world_size, stage_command
 
     data, root, cfgs, filled = load_pipeline(config, overrides, planned_world_size(args))
@@ -108,7 +109,8 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
         timings[stage] = timings.get(stage, 0.0) + time.time() - t0  # a resumed stage adds up its runs
         timings_path.write_text(json.dumps(timings, indent=1))
         if rc != 0:
-            print(f"[pipeline] {stage} failed (exit {rc}); re-run the same command to resume it")
+            what = "stopped on request, with a checkpoint" if rc == EXIT_PREEMPTED else "failed"
+            print(f"[pipeline] {stage} {what} (exit {rc}); re-run the same command to resume it")
             return rc
     if all(finished(cfg.output_dir) for cfg in cfgs.values()):
         from rlhf.report import write_report
