@@ -8,6 +8,7 @@ abstraction picks the device and the backend).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -114,6 +115,7 @@ class Backbone:
     """
 
     timeout_minutes = 30.0
+    _main_only_calls = 0
 
     def __init__(self, timeout_minutes: float = 30.0) -> None:
         """`timeout_minutes`: how long a collective waits for the other ranks before it
@@ -157,26 +159,39 @@ class Backbone:
         """Run `fn` on the (node-local) main rank first, then on the others.
 
         For work that fills a cache (tokenization): the others then read it. If the
-        main rank fails, every rank raises the same error instead of hanging.
+        main rank fails, every rank raises instead of hanging.
         """
-        first = self.is_local_main if local else self.is_main
-        error = None
-        result = None
-        if first:
-            try:
-                result = fn()
-            except Exception as e:  # re-raised below on every rank
-                error = e
-        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
-        torch.distributed.broadcast_object_list(msg, src=0)
-        if error is not None:
-            raise error
-        if msg[0] is not None:
-            raise RuntimeError(f"rank 0 failed: {msg[0]}")
-        if not first:
+        result = self.main_only(fn, local)
+        if not (self.is_local_main if local else self.is_main):
             result = fn()
         self.barrier()
         return result
+
+    def main_only(self, fn: Callable[[], Any], local: bool = False) -> Any:
+        """Run `fn` on the main rank (of each node, with `local`) while the others wait;
+        its result there, None elsewhere. They wait on the rendezvous store, not in a
+        collective, so the collective timeout does not cut short a long `fn` (a large
+        dataset tokenized, a checkpoint converted). If `fn` fails, every rank raises;
+        if the store's host (rank 0) dies, the waiting ranks raise at once."""
+        if self.world_size == 1:
+            return fn()
+        main = self.is_local_main if local else self.is_main
+        key = f"rlhf/main_only/{Backbone._main_only_calls}/" + (f"node{self.rank - self.local_rank}" if local else "all")
+        Backbone._main_only_calls += 1  # every rank makes the same calls, so keys agree
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if main:
+            try:
+                result = fn()
+            except Exception as e:
+                store.set(key, f"{type(e).__name__}: {e}")
+                raise
+            store.set(key, "")
+            return result
+        store.wait([key], timedelta(days=7))
+        error = store.get(key).decode()
+        if error:
+            raise RuntimeError(f"the main rank failed: {error}")
+        return None
 
     # ------------------------------------------------------------------ seeding and RNG
 
@@ -361,12 +376,15 @@ class Backbone:
                         trainer_state: dict[str, Any], keep_last: int,
                         rank_state: dict[str, Any] | None = None) -> Path:
         """Write a resumable checkpoint atomically: into a temporary directory, renamed
-        to `step-N` only once every rank has finished writing. A crash mid-save leaves
-        the previous checkpoint intact and the temporary directory ignored."""
+        to `step-N` only once every rank has written its files and flushed them to disk.
+        A crash or kill -9 at any moment leaves the previous checkpoints intact and at
+        most a temporary directory, which the next save removes. At most `keep_last + 1`
+        checkpoints exist at any moment, the temporary one included."""
         final = ckpt_root / f"step-{step:08d}"
         tmp = ckpt_root / f".tmp-step-{step:08d}"
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in ckpt_root.glob(".tmp-step-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
         for name, engine in engines.items():
@@ -374,12 +392,17 @@ class Backbone:
         # Per-rank state: RNG streams (sampling differs per rank) and e.g. EMA shards.
         torch.save({"rng": self.rng_state(), **(rank_state or {})}, tmp / f"rank{self.rank}.pt")
         if self.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            state = {**trainer_state, "world_size": self.world_size}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        # Each rank flushes what it wrote (on a shared filesystem its node's cache holds
+        # it), so that a node that dies after the rename leaves no hole in the checkpoint.
+        _fsync_tree(tmp)
         self.barrier()
         if self.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync(ckpt_root)  # the rename itself
             for old in list_checkpoints(ckpt_root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -388,20 +411,67 @@ class Backbone:
     def load_checkpoint(self, engines: dict[str, Any], ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore engines (model, optimizer, scheduler) and this rank's RNG.
 
-        Returns the trainer state and this rank's extra state (empty when the
-        checkpoint was written by a different number of ranks)."""
+        A checkpoint written by another number of ranks loads too. ZeRO 1-3 split the
+        optimizer states by rank, so rank 0 first converts such a checkpoint, once, to
+        DeepSpeed's universal format (into `ckpt/universal/`), which any number of ranks
+        loads; ZeRO-0 states are whole in every checkpoint.
+
+        Returns the trainer state (with `world_size`, the writers' number of ranks) and
+        this rank's extra state (empty when that number differs from ours)."""
         if not (ckpt / "trainer_state.json").exists():
             raise ValueError(f"{ckpt} is not a finished checkpoint (no trainer_state.json)")
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state.setdefault("world_size", self.world_size)  # written before it was recorded
+        same_layout = state["world_size"] == self.world_size
         for name, engine in engines.items():
-            path, _ = engine.load_checkpoint(str(ckpt), tag=name)
+            if same_layout or engine.zero_optimization_stage() == 0:
+                path, _ = engine.load_checkpoint(str(ckpt), tag=name)
+            else:
+                path = self._load_universal(engine, ckpt, name)
             if path is None:
                 raise RuntimeError(f"checkpoint {ckpt} has no state for the {name} model")
         rank_file = ckpt / f"rank{self.rank}.pt"
         rank_state: dict[str, Any] = {}
-        if rank_file.exists():
+        if same_layout and rank_file.exists():
             rank_state = torch.load(rank_file, weights_only=False)
             self.set_rng_state(rank_state.pop("rng"))
-        return json.loads((ckpt / "trainer_state.json").read_text()), rank_state
+        return state, rank_state
+
+    def _load_universal(self, engine, ckpt: Path, tag: str) -> str | None:
+        """Load engine `tag` of `ckpt` through its universal form, converting it first."""
+        universal = ckpt / "universal"
+
+        def convert() -> None:
+            if (universal / tag).is_dir():
+                return
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = ckpt / f".universal-tmp-{tag}"  # renamed when whole, like every checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(ckpt / tag), output_folder=str(tmp / tag), num_extract_workers=workers,
+                num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                inject_missing_state=True))  # our checkpoints carry no Megatron layout info, none is needed
+            _fsync_tree(tmp)
+            universal.mkdir(exist_ok=True)
+            os.replace(tmp / tag, universal / tag)
+            _fsync(universal)
+            shutil.rmtree(tmp)
+
+        self.main_only(convert)
+        engine._config.load_universal_checkpoint = True  # DeepSpeed reads its config flag at load time
+        try:
+            path, _ = engine.load_checkpoint(str(universal), tag=tag)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        # DeepSpeed 0.19.8's ZeRO-3 universal load hands all parameter groups one shared
+        # `step` tensor, which torch's AdamW then advances once per group per step (so the
+        # bias correction runs ahead, and the run drifts): give each group its own.
+        for st in engine.optimizer.optimizer.state.values() if engine.optimizer is not None else []:
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+        return path
 
     # ------------------------------------------------------------------ export
 
@@ -433,6 +503,22 @@ class Backbone:
         if not params:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(params)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -180,10 +180,17 @@ class Trainer:
         else:
             ckpt = Path(resume)
         if ckpt is not None:
-            state, rank_state = self.backbone.load_checkpoint(self.engines, ckpt)
+            bb = self.backbone
+            state, rank_state = bb.load_checkpoint(self.engines, ckpt)
             self.step = state["step"]
+            if state["world_size"] != bb.world_size:
+                # Another layout's per-rank RNG streams do not map onto ours: fresh ones,
+                # drawn from the step, so that sampling does not replay the run's start.
+                # (Step k's samples do not depend on the layout: see StepSampler.)
+                torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1009 + bb.rank)
             self.load_state(state, rank_state)
-            self.backbone.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}")
+            bb.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}"
+                     + (f" (written by {state['world_size']} ranks)" if state["world_size"] != bb.world_size else ""))
         if self.backbone.is_main:
             self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard, self.cfg.logging.wandb,
                                          to_dict(self.cfg))

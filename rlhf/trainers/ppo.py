@@ -442,17 +442,23 @@ class PPOTrainer(Trainer):
             e.mul_(d).add_(t.to(e.dtype), alpha=1 - d)
 
     def state(self) -> dict[str, Any]:
+        # The ptx position in optimizer steps: their micro-batch count depends on the ranks.
         return {**super().state(), "kl_controller": self.kl_ctl.state_dict(),
-                "ptx_calls": getattr(self, "_ptx_calls", 0)}
+                "ptx_steps": getattr(self, "_ptx_calls", 0) // self.accumulation}
 
     def rank_state(self) -> dict[str, Any]:
         return {"ema": self.ema} if self.ema is not None else {}
 
     def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self._ptx_calls = state.get("ptx_calls", 0)
+        self._ptx_calls = state["ptx_steps"] * self.accumulation if "ptx_steps" in state else state.get("ptx_calls", 0)
         if self.ema is not None and "ema" in rank_state:
             self.ema = [t.to(e.device) for t, e in zip(rank_state["ema"], self.ema)]
+        elif self.ema is not None:
+            # Written by another number of ranks: the EMA shards do not map onto ours, so
+            # the average restarts from the resumed weights.
+            self.ema = [t.detach().clone() for t in self.ema_tensors()]
+            self.backbone.print("[ppo] the EMA of the policy restarts from the resumed weights")
 
     def export(self, out_dir: Path) -> None:
         """final/ holds the policy; final/value/ the value model; final/ema/ the EMA policy."""
