@@ -1,14 +1,109 @@
-"""No lost work: a directory that is not ours is refused, not skipped."""
+"""No lost work: checkpoints by time and on SIGTERM/SIGUSR1 (the step in progress ends,
+every rank checkpoints, the run exits 75, and the same command again resumes exactly),
+rotation that never holds more than keep_last + 1, and a directory that is not ours
+refused, not skipped."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, subprocess_env
-from rlhf.trainers.base import RunDirError
+from rlhf.trainers.base import Preempted, RunDirError
+from rlhf.trainers.ppo import PPOTrainer
+from rlhf.trainers.reward import RewardTrainer
 from rlhf.trainers.sft import SFTTrainer
+from test_ppo import models, ppo_cfg  # noqa: F401 (models: a fixture)
+from test_reward import policy_dir, rm_cfg  # noqa: F401 (policy_dir: a fixture)
 from test_sft import make_cfg, sft_data  # noqa: F401 (sft_data: a fixture)
+
+
+def checkpoints(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def stage_run(stage, out, tmp_path, sft_data, tokenizer_dir, policy_dir, task_dir, models, *extra):
+    """(trainer class, config) of a short run of `stage` writing to `out`."""
+    if stage == "sft":
+        return SFTTrainer, make_cfg(out, sft_data, tokenizer_dir, "train.max_steps=5", *extra)
+    # Short evaluation sets: evaluation would be most of these runs' time.
+    few = tmp_path / f"{stage}_eval.jsonl"
+    source = task_dir / ("pairs_eval.jsonl" if stage == "rm" else "prompts_eval.jsonl")
+    few.write_text("".join(source.read_text().splitlines(True)[:16]))
+    if stage == "rm":
+        return RewardTrainer, rm_cfg(out / "out", policy_dir, task_dir, "train.max_steps=5", f"data.eval.path={few}",
+                                     *extra)
+    return PPOTrainer, ppo_cfg(out / "out", models, task_dir, "train.max_steps=4", "ppo.epochs=1",
+                               "ppo.ema_decay=0.9", "ppo.kl_controller=adaptive", f"data.eval.path={few}", *extra)
+
+
+@pytest.mark.parametrize("stage,sig", [("sft", signal.SIGTERM), ("rm", signal.SIGUSR1), ("ppo", signal.SIGTERM)],
+                         ids=["sft", "rm", "ppo"])
+def test_a_stop_signal_ends_the_step_checkpoints_and_the_same_run_again_finishes_identically(
+        stage, sig, tmp_path, sft_data, tokenizer_dir, policy_dir, task_dir, models, backbone, monkeypatch):
+    cls, cfg = stage_run(stage, tmp_path / "full", tmp_path, sft_data, tokenizer_dir, policy_dir, task_dir, models)
+    cls(cfg, backbone).fit()
+    cls, cfg = stage_run(stage, tmp_path / "cut", tmp_path, sft_data, tokenizer_dir, policy_dir, task_dir, models)
+    real = cls.train_step
+
+    def signal_in_step_3(self, micro_batches):
+        if self.step == 2:
+            os.kill(os.getpid(), sig)  # the handler runs at once; the step goes on
+        return real(self, micro_batches)
+
+    monkeypatch.setattr(cls, "train_step", signal_in_step_3)
+    with pytest.raises(Preempted):
+        cls(cfg, backbone).fit()
+    monkeypatch.setattr(cls, "train_step", real)
+    out = tmp_path / "cut" / "out"
+    assert checkpoints(out) == ["step-00000003"] and not (out / "final").exists()
+    assert signal.getsignal(sig) is signal.SIG_DFL  # fit put the default handler back
+    cls(cfg, backbone).fit()
+    full = tmp_path / "full" / "out"
+    a, b = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()], \
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert a == [{**r, **{k: v for k, v in x.items() if k.endswith("_s") or k.endswith("_per_s")}}
+                 for r, x in zip(b, a)]  # the same log, timings aside
+    for sub in ("", "value", "ema") if stage == "ppo" else ("",):
+        wa, wb = load_file(full / "final" / sub / "model.safetensors"), load_file(out / "final" / sub / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), (stage, sub)
+
+
+def test_checkpoints_by_time_and_rotation_keeps_at_most_keep_last_plus_one(tmp_path, sft_data, tokenizer_dir,
+                                                                          backbone):
+    out = tmp_path / "out"
+    (out / "checkpoints" / ".tmp-step-00000099").mkdir(parents=True)  # a save killed in an earlier run
+    (out / "config.yaml").write_text("left by the earlier run\n")
+    seen, done = [], threading.Event()
+
+    def watch():  # what the checkpoint directory holds, as often as we can look
+        while not done.is_set():
+            seen.append(len(os.listdir(out / "checkpoints")))
+            time.sleep(0.001)  # and let the training thread run
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # every_minutes that is always due: a checkpoint after every step, by the clock
+        SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir, "checkpoint.every_minutes=1e-9",
+                            "checkpoint.keep_last=1"), backbone).fit()
+    finally:
+        done.set()
+        watcher.join()
+    assert len(seen) > 100 and max(seen) == 2, max(seen)  # keep_last + 1, the one being written included
+    assert checkpoints(out) == ["step-00000006"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("train/loss" in r for r in rows) == 6
+    # no time interval and no step interval: the final checkpoint only
+    SFTTrainer(make_cfg(tmp_path / "b", sft_data, tokenizer_dir, "checkpoint.every_minutes=0"), backbone).fit()
+    assert checkpoints(tmp_path / "b" / "out") == ["step-00000006"]
 
 
 def test_a_final_dir_without_our_config_is_refused_not_skipped(tmp_path, sft_data, tokenizer_dir, backbone):
