@@ -9,6 +9,7 @@ abstraction picks the device and the backend).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -87,6 +88,12 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer may be gone: nothing left to tidy
+            torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def _stderr_silenced():
     """File descriptor 2 to /dev/null for the duration (C++ code writes there directly)."""
@@ -127,9 +134,19 @@ class Backbone:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         self.accelerator = get_accelerator()
         if not torch.distributed.is_initialized():
+            timeout = timedelta(minutes=timeout_minutes)
+            # The groups DeepSpeed creates later (data parallel, ZeRO) take torch's default
+            # timeout, not the world group's: make ours that default first.
+            c10d = torch.distributed.distributed_c10d
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
             deepspeed.init_distributed(dist_backend=self.accelerator.communication_backend_name(),
-                                       verbose=False, timeout=timedelta(minutes=timeout_minutes))
+                                       verbose=False, timeout=timeout)
             Backbone.timeout_minutes = timeout_minutes  # the process group's, for every Backbone
+            # Destroyed while Python is whole: otherwise a gloo worker thread may drop the
+            # last reference to a finished collective's tensors while the interpreter
+            # finalizes, take the GIL to do so, and abort the process (exit -6) after a run
+            # that succeeded (pytorch/pytorch#179291, #190489).
+            atexit.register(_destroy_process_group)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
