@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rlhf.config import ConfigError, load_stage_config
@@ -36,7 +37,7 @@ def run_stage(trainer_cls, config_cls, argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
-    from rlhf.trainers.base import Preempted  # imported here: the CLI reads this module's exit codes
+    from rlhf.trainers.base import STOP_SIGNALS, Preempted  # here: the CLI reads this module's exit codes
 
     trainer = None
     try:
@@ -50,6 +51,10 @@ def run_stage(trainer_cls, config_cls, argv: list[str] | None = None) -> int:
     except Preempted:
         return EXIT_PREEMPTED  # the trainer has said so
     except Exception as e:
+        # On the way out: the launcher's SIGTERM to the ranks left (when one dies) must
+        # not cut this report short.
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
         lost = trainer.backbone.collective_failure(e) if trainer is not None else None
         if lost is None:
             raise

@@ -3,8 +3,10 @@ rank (evaluation splits that do not divide, under ZeRO-3 with every layer partit
 and a rank that dies ends the others within the collective timeout, with a message."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -84,3 +86,84 @@ def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path,
         assert len(one) == 2 and len(two) == 2, stage  # at the start and at the end
         for a, b in zip(one, two):  # every eval sample counted once: the 1-rank figures
             assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (stage, a, b)
+
+
+# ---------------------------------------------------------------------- a rank that dies or stalls
+
+def sft_args(out, tokenizer_dir, task_dir, *extra):
+    return [f"output_dir={out}", f"tokenizer.path={tokenizer_dir}", f"data.path={task_dir / 'sft_train.jsonl'}",
+            "data.max_length=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=1000",
+            f"model.arch={json.dumps(TINY_ARCHS['llama'])}", "logging.progress_bar=false", "checkpoint.every=2",
+            *extra]
+
+
+def start_ranks(args, n=2):
+    """`n` ranks of launch/sft.py started directly (no launcher), as torchrun or a
+    scheduler would; their output goes to pipes."""
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(n),
+                         LOCAL_WORLD_SIZE=str(n))
+    return [subprocess.Popen([sys.executable, str(ROOT / "launch" / "sft.py"), *args], text=True,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for r in range(n)]
+
+
+def wait_for_checkpoint(out, procs, timeout=300):
+    deadline = time.time() + timeout
+    while not (out / "checkpoints").is_dir() or not any(p.name.startswith("step-")
+                                                          for p in (out / "checkpoints").iterdir()):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "no checkpoint came"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["kill rank 0", "stop rank 1"])
+def test_a_rank_that_dies_or_stalls_ends_the_other_within_the_timeout_naming_it(how, tmp_path, tokenizer_dir,
+                                                                                task_dir, backbone):
+    from rlhf.config import SFTConfig, load_stage_config
+    from rlhf.trainers.sft import SFTTrainer
+
+    timeout_s = 9
+    out = tmp_path / "out"
+    procs = start_ranks(sft_args(out, tokenizer_dir, task_dir, f"train.collective_timeout_minutes={timeout_s / 60}"))
+    try:
+        wait_for_checkpoint(out, procs)
+        lost = int(how[-1])
+        procs[lost].send_signal(signal.SIGKILL if how.startswith("kill") else signal.SIGSTOP)
+        t0 = time.time()
+        rest = procs[1 - lost]
+        _, err = rest.communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert rest.returncode == 76, err[-3000:]
+    # a killed rank is noticed at once, a stalled one when the timeout ends; then a few
+    # seconds for the others to report in
+    assert elapsed < timeout_s + 15, elapsed
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert f"lost rank {lost} (it died, or stalled longer than the collective timeout" in line, line
+    # the last checkpoint is whole: it loads, and training goes on from it (here 1 more step)
+    [last] = [int(p.name[5:]) for p in (out / "checkpoints").iterdir()][-1:]
+    cfg = load_stage_config(SFTConfig, None, sft_args(out, tokenizer_dir, task_dir, f"train.max_steps={last + 1}"))
+    SFTTrainer(cfg, backbone).fit()
+    assert (out / "final").is_dir()
+
+
+def test_under_the_launcher_a_killed_rank_ends_the_run(tmp_path, tokenizer_dir, task_dir):
+    """DeepSpeed's launch.py SIGTERMs the ranks left when one exits; they still report which
+    rank they lost, and the run ends non-zero at once."""
+    import psutil
+
+    out = tmp_path / "out"
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "sft", str(config), *sft_args(out, tokenizer_dir, task_dir),
+                             "--num-procs", "2"], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(out, [proc])
+    [rank1] = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+    rank1.kill()
+    t0 = time.time()
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and time.time() - t0 < 30, text[-3000:]
+    assert "rank 0 lost rank 1 (it died" in text, text[-3000:]
