@@ -222,3 +222,31 @@ def test_signals_through_the_rlhf_launcher_stop_every_rank_and_the_run_resumes_a
     assert train_losses(out) == pytest.approx(train_losses(ref), abs=1e-5)
     wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_kill_9_during_a_checkpoint_write_and_at_random_then_the_run_resumes_exactly(tmp_path, sft_data,
+                                                                                    tokenizer_dir):
+    """The test-suite size of benchmarks/kill_resume.py (which kills each stage 10 times)."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kill_resume import kill_once
+
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+
+    def cmd(out):
+        return [sys.executable, "-m", "rlhf.cli", "sft", str(config),
+                *sft_overrides(out, sft_data, tokenizer_dir, 0, 60), "checkpoint.every=1", "checkpoint.keep_last=2"]
+
+    subprocess.run(cmd(tmp_path / "ref"), env=subprocess_env(), check=True, capture_output=True)
+    out = tmp_path / "out"
+    for mode in ("write", "random"):
+        got = kill_once(cmd(out), subprocess_env(), out, mode, random.Random(0), max_delay=0.5)
+        assert got is not None and got["checkpoints_checked"] >= 1, got  # each one opened and read
+        assert got["during_write"] or mode == "random", got
+    proc = subprocess.run(cmd(out), env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    a, b = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
