@@ -48,8 +48,24 @@ def eval_rows(out):
             or "eval/score" in r]
 
 
+@pytest.fixture(scope="module")
+def eos_prone_policy(models, tmp_path_factory):
+    """The tiny policy with its EOS logit scaled up: greedy responses to the eval prompts end
+    after 3 to 8 tokens, so the two ranks' generations run different numbers of steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("eos_prone")
+    model, tok = AutoModelForCausalLM.from_pretrained(models / "policy"), AutoTokenizer.from_pretrained(models / "policy")
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] *= 3
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path, tokenizer_dir, task_dir, models,
-                                                                       backbone):
+                                                                       eos_prone_policy, backbone):
     from dist_run import trainer_class
     from rlhf.cli import config_class
     from rlhf.config import load_stage_config
@@ -58,11 +74,11 @@ def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path,
     sft_eval = write_sft_data(tmp_path / "sft_eval.jsonl", 65, seed=1)
     pairs_eval = tmp_path / "pairs_eval.jsonl"
     pairs_eval.write_text("".join((task_dir / "pairs_eval.jsonl").read_text().splitlines(True)[:65]))
-    # 17 prompts in batches of 4 (rank 0: 4 + 4 + 1, rank 1: 4 + 4 + none), each scored in
-    # chunks of 2; greedy (top_k=1), so that 1 rank and 2 ranks draw the same responses.
+    # 9 prompts in batches of 4 (rank 0: 4 + 1, rank 1: 4 + none), each scored in chunks
+    # of 2; greedy (top_k=1), so that 1 rank and 2 ranks draw the same responses.
     prompts_eval = tmp_path / "prompts_eval.jsonl"
-    prompts_eval.write_text("".join((task_dir / "prompts_eval.jsonl").read_text().splitlines(True)[:17]))
-    common = ["train.max_steps=2", "logging.progress_bar=false", "model.dropout=0.0"]
+    prompts_eval.write_text("".join((task_dir / "prompts_eval.jsonl").read_text().splitlines(True)[:9]))
+    common = ["train.max_steps=1", "logging.progress_bar=false", "model.dropout=0.0"]
     jobs = {
         "sft": [f"tokenizer.path={tokenizer_dir}", f"data.path={write_sft_data(tmp_path / 'sft.jsonl', 64)}",
                 f"data.eval.path={sft_eval}", "data.max_length=32", "train.global_batch_size=32",
@@ -70,11 +86,11 @@ def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path,
         "rm": [f"model.path={models / 'policy'}", f"data.path={task_dir / 'pairs_train.jsonl'}",
                f"data.eval.path={pairs_eval}", "data.max_samples=64", "data.max_length=48",
                "train.global_batch_size=32", "train.micro_batch_size=16", *common],
-        "ppo": [f"policy.model.path={models / 'policy'}", f"value.model.path={models / 'rm'}",
+        "ppo": [f"policy.model.path={eos_prone_policy}", f"value.model.path={models / 'rm'}",
                 f"reward.model.path={models / 'rm'}", f"data.path={task_dir / 'prompts_train.jsonl'}",
                 f"data.eval.path={prompts_eval}", "data.max_samples=64", "rollout.batch_size=8",
                 "rollout.max_new_tokens=8", "rollout.top_k=1", "train.global_batch_size=8",
-                "train.micro_batch_size=2", "ppo.epochs=1", "logging.progress_bar=false", "train.max_steps=2"],
+                "train.micro_batch_size=2", "ppo.epochs=1", "logging.progress_bar=false", "train.max_steps=1"],
     }
     run_jobs([[s, [f"output_dir={tmp_path / 'two' / s}", *ov, *ZERO3_PARTITIONED]] for s, ov in jobs.items()],
              tmp_path)
@@ -86,6 +102,7 @@ def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path,
         assert len(one) == 2 and len(two) == 2, stage  # at the start and at the end
         for a, b in zip(one, two):  # every eval sample counted once: the 1-rank figures
             assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (stage, a, b)
+    assert 1 < eval_rows(tmp_path / "two" / "ppo")[0]["eval/response_length"] < 8  # responses of many lengths
 
 
 # ---------------------------------------------------------------------- a rank that dies or stalls
