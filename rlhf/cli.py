@@ -148,7 +148,8 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
     ranks, then SIGKILL them 30 s later. A SIGTERM or SIGUSR1 to this process (the
     one a scheduler or a terminal signals) reaches each rank as SIGUSR1; this process
     then waits for the ranks themselves, which may outlive a launcher killed by the
-    same signal, and returns EXIT_PREEMPTED.
+    same signal, and returns EXIT_PREEMPTED. (With `--hostfile` over ssh, the other
+    nodes' ranks are out of reach: there, signal each node's `rlhf`, as SLURM does.)
     """
     import psutil
 
@@ -159,11 +160,12 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
         proc = subprocess.Popen(cmd, env=env)
     finally:
         signal.signal(signal.SIGUSR1, default_usr1)
-    ranks: dict[int, psutil.Process] = {}
+    ranks: dict[int, psutil.Process] = {}  # the ranks told to stop
     asked = []
 
-    def forward(signum, frame):
-        asked.append(signum)
+    def forward(signum=None, frame=None):
+        if signum is not None:
+            asked.append(signum)
         for p in rank_processes(proc.pid):
             ranks[p.pid] = p
             with contextlib.suppress(psutil.Error):
@@ -171,15 +173,21 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if asked:  # again: a rank that was still starting ignored it (it stops once)
+                    forward()
         if asked:
             psutil.wait_procs(list(ranks.values()))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if asked and rc != 0:
-        print(f"[rlhf] stopped by {signal.Signals(asked[0]).name}: every rank wrote its checkpoint "
-              f"(exit {EXIT_PREEMPTED}); run the same command again to resume", file=sys.stderr, flush=True)
+        print(f"[rlhf] stopped by {signal.Signals(asked[0]).name} (exit {EXIT_PREEMPTED}): run the same command "
+              "again to resume from the last checkpoint", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     return rc
 

@@ -4,7 +4,9 @@
 
     1. setup      - output directory checks, tokenizer, data, models, engines
     2. resume     - the latest checkpoint, if any (models, optimizers, RNG, step)
-    3. train      - optimizer steps; each is `train_step(micro_batches)`
+    3. train      - optimizer steps; each is `train_step(micro_batches)`, then
+                    `end_step`: log, evaluate, checkpoint (every N steps, every M
+                    minutes, or on SIGTERM/SIGUSR1, after which `fit` raises Preempted)
     4. finish     - final evaluation, checkpoint, Hugging Face export to final/
 
 SFT and the reward model use `train` as it is and supply `build_models`,
@@ -83,7 +85,8 @@ class Trainer:
     # ================================================================== the run
 
     def fit(self) -> dict[str, float]:
-        """Run the stage to the end and return the final evaluation metrics."""
+        """Run the stage to the end and return the final evaluation metrics; raise
+        Preempted if a stop signal ended it early, with a checkpoint."""
         if self.is_finished():
             self.backbone.print(f"[{self.stage}] {self.out / 'final'} exists: this stage already finished")
             return self.final_metrics()
