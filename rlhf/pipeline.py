@@ -73,12 +73,24 @@ def load_pipeline(config: str, overrides: list[str], world_size: int, stages: li
     return data, root, cfgs, filled
 
 
+def finished(output_dir: str) -> bool:
+    """Whether a stage's directory holds a finished run: final/ beside the config.yaml
+    every run writes. A final/ alone is someone else's: refused, not skipped."""
+    out = Path(output_dir)
+    if (out / "final").is_dir() and not (out / "config.yaml").is_file():
+        raise ConfigError(f"output_dir {out} holds final/ but no config.yaml: it is not an rlhf run directory; "
+                          "choose a new output_dir")
+    return (out / "final").is_dir()
+
+
 def run_pipeline(config: str, overrides: list[str], stages: list[str], args: argparse.Namespace) -> int:
+    from launch.common import EXIT_PREEMPTED
     from rlhf.cli import launch_stage, planned_world_size, stage_command
 
     data, root, cfgs, filled = load_pipeline(config, overrides, planned_world_size(args), stages)
     root_dir = Path(root)
     resolved = root_dir / "pipeline.yaml"
+    done = {stage: finished(cfgs[stage].output_dir) for stage in stages}  # refuses foreign directories first
     if args.dry_run:  # every config is valid; show the commands, write nothing
         for stage in stages:
             print("$ " + " ".join(stage_command(stage, str(resolved), [], args)[0]))
@@ -90,7 +102,7 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
     timings_path = root_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for stage in stages:
-        if (Path(cfgs[stage].output_dir) / "final").is_dir():
+        if done[stage]:
             print(f"[pipeline] {stage}: finished before, skipped ({cfgs[stage].output_dir}/final)")
             continue
         print(f"[pipeline] {stage}: starting", flush=True)
@@ -99,9 +111,10 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
         timings[stage] = timings.get(stage, 0.0) + time.time() - t0  # a resumed stage adds up its runs
         timings_path.write_text(json.dumps(timings, indent=1))
         if rc != 0:
-            print(f"[pipeline] {stage} failed (exit {rc}); re-run the same command to resume it")
+            what = "stopped on request, with a checkpoint" if rc == EXIT_PREEMPTED else "failed"
+            print(f"[pipeline] {stage} {what} (exit {rc}); re-run the same command to resume it")
             return rc
-    if all((Path(cfgs[s].output_dir) / "final").is_dir() for s in stages):
+    if all(finished(cfgs[s].output_dir) for s in stages):
         from rlhf.report import write_report
 
         write_report(root_dir, cfgs, timings)

@@ -230,10 +230,12 @@ class DPOTrainer(Trainer):
         self.policy.eval()
         sums = dict.fromkeys(STATS, 0.0)  # the same keys on every rank, even one without pairs
         with torch_linear():
-            for idx in self.eval_index_batches(len(self.data.eval)):
-                batch = self.collate([self.data.eval[i] for i in idx])
+            for idx, real in self.eval_index_batches(len(self.data.eval)):
+                # A rank out of real pairs still runs a pass (a collective under ZeRO-3) that counts for nothing.
+                batch = self.collate([self.data.eval[i] for i in idx[:max(real, 1)]])
                 loss, stats = self.compute_loss(batch)
-                add_stats(sums, loss, stats, batch)
+                if real:
+                    add_stats(sums, loss, stats, batch)
         self.policy.train()
         out = self.reduce(sums, "eval")
         out.pop("eval/pairs")
