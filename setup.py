@@ -21,9 +21,11 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors",
+        "gguf",  # GGUF checkpoints (model.path: x.gguf), read by transformers
     ],
     extras_require={
-        "test": ["pytest>=8", "trl==1.12.0", "tensorboard"],
+        "test": ["pytest>=8", "trl==1.12.0", "tensorboard", "wandb"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
 )

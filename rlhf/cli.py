@@ -1,8 +1,8 @@
 """The `rlhf` command: one launcher for every stage, one GPU to many nodes.
 
-    rlhf sft|rm|ppo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
+    rlhf sft|rm|ppo|dpo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
                           [--hostfile F] [--no-ssh --node-rank R --master-addr A] [--dry-run]
-    rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo] [launcher flags]
+    rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo | sft,dpo] [launcher flags]
     rlhf plan CONFIG [key=value ...] [--num-gpus N] [--num-nodes M] [--gpu-memory-gb 80]
 
 With one rank the stage runs in this process. With more, the command runs the
@@ -14,19 +14,22 @@ validated here before anything starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from rlhf.config import STAGES, ConfigError, check_batch_sizes, load_stage_config
+from rlhf.model_source import check_model_source
 
 def config_class(stage: str):
-    from rlhf.config import PPOConfig, RMConfig, SFTConfig
+    from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 
-    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}[stage]
+    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}[stage]
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +123,8 @@ def stage_command(stage: str, config: str, overrides: list[str], args: argparse.
 def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.Namespace) -> int:
     cfg = load_stage_config(config_class(stage), config, overrides)  # validation before anything runs
     check_batch_sizes(cfg, planned_world_size(args))
+    for key, model_cfg in cfg.models().items():
+        check_model_source(model_cfg, key)
     cmd, one_process = stage_command(stage, config, overrides, args)
     print("$ " + shlex.join(cmd), flush=True)
     if args.dry_run:
@@ -131,7 +136,79 @@ def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.N
     if args.num_procs and "OMP_NUM_THREADS" not in env:
         # CPU ranks share the cores; without this each rank starts one thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.num_procs or 1)))
-    return subprocess.call(cmd, env=env)
+    return run_launcher(cmd, env)
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the `deepspeed` launcher and return its exit code, passing a stop signal on
+    to every rank of this node so that they all write their checkpoint.
+
+    The launcher is two processes, runner.py and launch.py, and neither forwards
+    SIGUSR1: its default action would kill them and orphan the ranks. So they start
+    with SIGUSR1 ignored (inherited across exec); SIGTERM makes launch.py SIGTERM the
+    ranks, then SIGKILL them 30 s later. A SIGTERM or SIGUSR1 to this process (the
+    one a scheduler or a terminal signals) reaches each rank as SIGUSR1; this process
+    then waits for the ranks themselves, which may outlive a launcher killed by the
+    same signal, and returns EXIT_PREEMPTED. (With `--hostfile` over ssh, the other
+    nodes' ranks are out of reach: there, signal each node's `rlhf`, as SLURM does.)
+    """
+    import psutil
+
+    from launch.common import EXIT_PREEMPTED
+
+    default_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGUSR1, default_usr1)
+    ranks: dict[int, psutil.Process] = {}  # the ranks told to stop
+    asked = []
+
+    def forward(signum=None, frame=None):
+        if signum is not None:
+            asked.append(signum)
+        for p in rank_processes(proc.pid):
+            ranks[p.pid] = p
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGUSR1)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if asked:  # again: a rank that was still starting ignored it (it stops once)
+                    forward()
+        if asked:
+            psutil.wait_procs(list(ranks.values()))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if asked and rc != 0:
+        print(f"[rlhf] stopped by {signal.Signals(asked[0]).name} (exit {EXIT_PREEMPTED}): run the same command "
+              "again to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    return rc
+
+
+def rank_processes(launcher_pid: int):
+    """The ranks this node's launcher started: the children of DeepSpeed's launch.py."""
+    import psutil
+
+    try:
+        procs = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for p in procs:
+        try:
+            if any("deepspeed.launcher.launch" in a for a in p.cmdline()):
+                out += p.children()
+        except psutil.Error:
+            pass
+    return out
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -140,7 +217,10 @@ def chat(args: argparse.Namespace) -> int:
 
     from rlhf.evaluate import load_policy
 
+    from rlhf.tokens import stop_token_ids
+
     model, tok = load_policy(args.model_dir)
+    stops = stop_token_ids(tok, args.model_dir)
     use_template = tok.chat_template is not None and not args.raw
     history: list[dict[str, str]] = []
 
@@ -155,7 +235,7 @@ def chat(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                              temperature=None if args.greedy else args.temperature,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
         reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         if use_template:
             history.append({"role": "assistant", "content": reply})
@@ -189,13 +269,13 @@ def evaluate(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(path=args.prompts, max_length=10**6, max_prompt_length=10**6 - 1)
     rows, _ = load_rows(data_cfg, 2)
     examples, _ = tokenize_prompts(rows, load_tokenizer(TokenizerConfig(path=args.policy)), data_cfg)
-    prompts = [e["prompt"] for e in examples][: args.limit]
+    examples = examples[: args.limit]
     gold = None
     if args.task_gold:
         from rlhf.task import gold_reward as gold
-    result = compare_policies(args.policy, args.baseline, args.reward_model, prompts,
+    result = compare_policies(args.policy, args.baseline, args.reward_model, [e["prompt"] for e in examples],
                               Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       seed=args.seed), gold=gold)
+                                       seed=args.seed), gold=gold, prompt_ids=[e["prompt_ids"] for e in examples])
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text)
@@ -207,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF in three stages on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage, text in [("sft", "supervised fine-tuning"), ("rm", "reward model on ranked pairs"),
-                        ("ppo", "PPO against the reward model")]:
+                        ("ppo", "PPO against the reward model"),
+                        ("dpo", "direct preference optimisation on ranked pairs")]:
         p = sub.add_parser(stage, help=text)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value (relative to the stage's section)")
@@ -215,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pipeline", help="SFT, then RM, then PPO, then a report")
     p.add_argument("config", help="a multi-stage config with sft:, rm: and ppo: sections")
     p.add_argument("overrides", nargs="*", help="key=value (shared) or stage.key=value")
-    p.add_argument("--stages", default="sft,rm,ppo", help="run only these stages, e.g. rm,ppo")
+    p.add_argument("--stages", default="sft,rm,ppo", help="run these stages, e.g. rm,ppo or sft,dpo")
     add_launcher_args(p)
     p = sub.add_parser("plan", help="per-GPU memory of each stage of a config, before launch")
     p.add_argument("config", help="a single-stage (with --stages) or multi-stage config")
@@ -261,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             unknown = [s for s in stages if s not in STAGES]
             if unknown:
-                raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from sft, rm, ppo)")
+                raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
             return run_pipeline(args.config, args.overrides, stages, args)
         if args.command == "plan":
             from rlhf.plan import main as plan

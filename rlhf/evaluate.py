@@ -19,7 +19,7 @@ import torch
 from rlhf.data.batching import cat_padded, collate_prompts, pad
 from rlhf.losses import masked_sum
 from rlhf.models import ScalarModel, sequence_scores
-from rlhf.rollout import end_at_eos, full_sequence, response_logprobs, sample_responses
+from rlhf.rollout import end_at_eos, full_sequence, is_stop, response_logprobs, sample_responses
 
 
 @dataclass
@@ -48,10 +48,18 @@ def load_reward_model(path: str | Path, device: str = "cpu"):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], s: Sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
-    """Prompt ids/mask `(N, P)` (left-padded) and response ids/action mask `(N, R)` for every prompt."""
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+def sample(model, tokenizer, prompts: list[str], s: Sampling, stop_ids: list[int] | None = None,
+           prompt_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt ids/mask `(N, P)` (left-padded) and response ids/action mask `(N, R)` for every prompt.
+
+    `prompt_ids` are the prompts' token ids as the trainer made them (a rendered chat
+    prompt is tokenized without adding special tokens again); None encodes the texts.
+    `stop_ids`: the tokens that end a response (None: the tokenizer's EOS)."""
+    from rlhf.tokens import encode_prompt
+
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
+    if prompt_ids is None:
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     batches = []
     gen = torch.Generator().manual_seed(s.seed)
     for i in range(0, len(prompts), s.batch_size):
@@ -59,13 +67,13 @@ def sample(model, tokenizer, prompts: list[str], s: Sampling) -> tuple[torch.Ten
                             tokenizer.pad_token_id)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         out, _ = sample_responses(model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device), s,
-                                  tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=s.temperature == 0)
+                                  stop_ids, tokenizer.pad_token_id, greedy=s.temperature == 0)
         batches.append((b["input_ids"], b["attention_mask"], out.cpu()))
     pad_id = tokenizer.pad_token_id
     ids = cat_padded([x[0] for x in batches], pad_id, "left")
     mask = cat_padded([x[1] for x in batches], 0, "left")
     resp = cat_padded([x[2] for x in batches], pad_id)
-    resp, action = end_at_eos(resp, tokenizer.eos_token_id, pad_id)
+    resp, action = end_at_eos(resp, stop_ids, pad_id)
     return ids, mask, resp, action
 
 
@@ -101,7 +109,9 @@ class RewardScorer:
         self.batch_size = batch_size
 
     def score(self, texts: list[str], add_eos: bool = True) -> list[float]:
-        ids = [self.tokenizer(t)["input_ids"] + ([self.tokenizer.eos_token_id] if add_eos else []) for t in texts]
+        from rlhf.tokens import encode_prompt
+
+        ids = [encode_prompt(self.tokenizer, t) + ([self.tokenizer.eos_token_id] if add_eos else []) for t in texts]
         return self.score_ids(ids)
 
     def score_ids(self, ids: list[list[int]]) -> list[float]:
@@ -125,37 +135,45 @@ def sequence_kl(model, ref, input_ids, attention_mask, action_mask, prompt_width
     return torch.cat(out)
 
 
-def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_dir: str | Path, prompts: list[str],
-                     sampling: Sampling, gold: Callable[[str, str], float] | None = None,
-                     device: str = "cpu") -> dict:
+def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_dir: str | Path | None,
+                     prompts: list[str], sampling: Sampling, gold: Callable[[str, str], float] | None = None,
+                     device: str = "cpu", prompt_ids: list[list[int]] | None = None) -> dict:
     """Mean scores of both policies, the policy's win rate over the baseline, its KL to it.
 
-    Returns a dict with `score_policy`, `score_baseline`, `win_rate_score`, `kl`,
-    `response_length_policy`, `eos_rate_policy`, and, when `gold` is given, `gold_policy`,
-    `gold_baseline`, `win_rate` (by gold reward), plus `samples` (a few examples).
+    Both policies sample until any of the policy's stop tokens (its tokenizer's EOS, its
+    chat template's end of turn, its generation_config's EOS ids); `prompt_ids`, when
+    given, are the prompts as the trainer tokenized them.
+
+    Returns a dict with `kl`, `response_length_policy`, `eos_rate_policy`, with a reward
+    model (`reward_dir`; None for none, as after DPO) `score_policy`, `score_baseline`,
+    `win_rate_score`, and, when `gold` is given, `gold_policy`, `gold_baseline`, `win_rate`
+    (by gold reward), plus `samples` (a few examples).
     """
     from rlhf.task import win_rate
+    from rlhf.tokens import stop_token_ids
 
     policy, tok = load_policy(policy_dir, device)
+    stops = stop_token_ids(tok, policy_dir)
     baseline, _ = load_policy(baseline_dir, device)
-    rm = load_reward_model(reward_dir, device)
+    rm = load_reward_model(reward_dir, device) if reward_dir is not None else None
     results: dict = {"prompts": len(prompts)}
     per: dict[str, dict] = {}
     for name, model in (("policy", policy), ("baseline", baseline)):
-        ids, mask, resp, action = sample(model, tok, prompts, sampling)
+        ids, mask, resp, action = sample(model, tok, prompts, sampling, stops, prompt_ids)
         seq, seq_mask = full_sequence(ids, mask, resp, action)
         texts = [tok.decode(r[a.bool()].tolist(), skip_special_tokens=True) for r, a in zip(resp, action)]
-        per[name] = {"scores": score(rm, seq, seq_mask).tolist(), "texts": texts,
+        per[name] = {"scores": score(rm, seq, seq_mask).tolist() if rm is not None else None, "texts": texts,
                      "length": action.sum(1).float().mean().item(),
-                     "eos": ((resp == tok.eos_token_id) & action.bool()).any(1).float().mean().item()}
+                     "eos": (is_stop(resp, stops) & action.bool()).any(1).float().mean().item()}
         if name == "policy":
             results["kl"] = sequence_kl(policy, baseline, seq, seq_mask, action, ids.shape[1],
                                         sampling.temperature).mean().item()
         if gold is not None:
             per[name]["gold"] = [gold(p, t) for p, t in zip(prompts, texts)]
-    results["score_policy"] = sum(per["policy"]["scores"]) / len(prompts)
-    results["score_baseline"] = sum(per["baseline"]["scores"]) / len(prompts)
-    results["win_rate_score"] = win_rate(per["policy"]["scores"], per["baseline"]["scores"])
+    if rm is not None:
+        results["score_policy"] = sum(per["policy"]["scores"]) / len(prompts)
+        results["score_baseline"] = sum(per["baseline"]["scores"]) / len(prompts)
+        results["win_rate_score"] = win_rate(per["policy"]["scores"], per["baseline"]["scores"])
     results["response_length_policy"] = per["policy"]["length"]
     results["eos_rate_policy"] = per["policy"]["eos"]
     if gold is not None:

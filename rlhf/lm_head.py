@@ -88,6 +88,19 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logprobs, entropy
 
 
+def picked_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor,
+                    chunk_mib: float = ModelConfig.logits_chunk_mib, **kwargs) -> torch.Tensor:
+    """log p(label) `(N,)` in float32 at the output positions `(rows, cols)` of
+    `model(**kwargs)` (`cols` counted among the positions `logits_to_keep` keeps), for
+    layouts whose targets sit anywhere in the rows (DPO's shared-prefix pairs). Only
+    those positions go through the output layer, in chunks as in `causal_logprobs`."""
+    hf = unwrap(model)
+    if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
+        return logprobs_from_logits(model(**kwargs).logits[rows, cols], labels)
+    hidden, head = final_hidden_states(model, **kwargs)
+    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=chunk_tokens(hf.config.vocab_size, chunk_mib))[0]
+
+
 def final_hidden_states(model, **kwargs) -> tuple[torch.Tensor, torch.nn.Module]:
     """Call `model(**kwargs)` and return what its output layer was given (the final
     hidden states of the positions `logits_to_keep` keeps, `(B, K, H)`) and that layer.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ class MetricsWriter:
     one uninterrupted run.
     """
 
-    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool = False):
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool = False, wandb: Any = None,
+                 run_config: dict[str, Any] | None = None):
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -28,6 +30,9 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+        self.wandb = None
+        if wandb is not None and wandb.project is not None:
+            self.wandb = start_wandb(wandb, out_dir, run_config)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step}
@@ -40,10 +45,30 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(cfg: Any, out_dir: Path, run_config: dict[str, Any] | None):
+    """A W&B run for this stage, written under OUTPUT_DIR/wandb. Its id is kept in
+    OUTPUT_DIR/wandb_run_id, so a resumed stage continues the same run (W&B ignores
+    steps it has already seen)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("logging.wandb.project is set but wandb is not installed: pip install wandb") from None
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.project, name=cfg.name or out_dir.name, entity=cfg.entity, group=cfg.group,
+                      tags=cfg.tags or None, mode=cfg.mode, dir=str(out_dir), id=run_id, resume="allow",
+                      config=run_config, settings=wandb.Settings(silent=True))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

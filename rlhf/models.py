@@ -22,36 +22,60 @@ from torch import nn
 from rlhf.config import LoraConfig, ModelConfig, TokenizerConfig
 
 
-def load_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig | None = None):
-    """The tokenizer from `cfg.path` (or the model's path), with a pad token distinct from EOS."""
+def load_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig | None = None, log=None):
+    """The tokenizer from `cfg.path` (or the model's), with a pad token distinct from every
+    token that ends a response (see rlhf.tokens.choose_pad). `log` receives one line
+    saying how the pad token was chosen."""
     from transformers import AutoTokenizer
 
-    path = cfg.path or (model_cfg.path if model_cfg else None)
+    from rlhf.tokens import choose_pad, stop_token_ids
+
+    path = tokenizer_dir(cfg, model_cfg)
     if path is None:
         raise ValueError("tokenizer.path is not set and model.path is not set: nowhere to load a tokenizer from")
     trust = bool(model_cfg and model_cfg.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer.path: cannot load a tokenizer from {path!r}: {e}") from None
-    if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path!r} has no EOS token; responses could never end")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": cfg.pad_token})
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"tokenizer.path: cannot load a tokenizer from {path!r}: {first}") from None
     if cfg.chat_template is not None:
         p = Path(cfg.chat_template)
         tok.chat_template = p.read_text() if p.is_file() else cfg.chat_template
+    stops = stop_token_ids(tok, path, cfg.stop_tokens)
+    choice = choose_pad(tok, cfg.pad_token, stops)
+    if log is not None:
+        log(f"tokenizer {path}: {choice.describe()}; responses end at {[tok.convert_ids_to_tokens(i) for i in stops]}")
     tok.padding_side = "right"
     return tok
+
+
+def tokenizer_dir(cfg: TokenizerConfig, model_cfg: ModelConfig | None = None) -> str | None:
+    """Where the tokenizer is read: tokenizer.path (a .gguf file is converted like a
+    model), else the model's directory."""
+    from rlhf.model_source import model_dir
+
+    if cfg.path is not None:
+        return model_dir(ModelConfig(path=cfg.path)) if cfg.path.endswith(".gguf") else cfg.path
+    return model_dir(model_cfg) if model_cfg is not None else None
+
+
+def response_stop_ids(tokenizer, cfg: TokenizerConfig, model_cfg: ModelConfig | None = None) -> list[int]:
+    """The token ids that end a response for this stage's tokenizer and model."""
+    from rlhf.tokens import stop_token_ids
+
+    return stop_token_ids(tokenizer, tokenizer_dir(cfg, model_cfg), cfg.stop_tokens)
 
 
 def model_type(cfg: ModelConfig) -> str:
     """The HF `model_type` a model config names (read from `path`'s config.json or `arch`)."""
     from transformers import AutoConfig
 
+    from rlhf.model_source import model_dir
+
     if cfg.arch is not None:
         return cfg.arch["model_type"]
-    return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code).model_type
+    return AutoConfig.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code).model_type
 
 
 def require_model_type(model_type: str, supported: set[str], key: str, ability: str) -> None:
@@ -63,23 +87,25 @@ def require_model_type(model_type: str, supported: set[str], key: str, ability: 
 
 
 def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None, dtype: torch.dtype | None = None):
+    """The HF config to build or load with. Token ids are set on the model after loading
+    (`_finish`): a pad id beyond the checkpoint's vocabulary in the config would reach
+    embedding layers that take `padding_idx` from it (Llama's) before the resize."""
     from transformers import AutoConfig
 
+    from rlhf.model_source import model_dir
+
     if cfg.path is not None:
-        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code)
     else:
         arch = dict(cfg.arch)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
         config.vocab_size = len(tokenizer)
+        config.pad_token_id = tokenizer.pad_token_id
     if cfg.dropout is not None:
         # Every dropout-like field of the HF config (dropout, attention_dropout, resid_pdrop, ...).
         for key, value in list(config.to_dict().items()):
             if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
                 setattr(config, key, cfg.dropout)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    if tokenizer.bos_token_id is not None:
-        config.bos_token_id = tokenizer.bos_token_id
     if num_labels is not None:
         config.num_labels = num_labels
     attn = attn_implementation(cfg.attn_implementation, config, dtype)
@@ -106,46 +132,73 @@ def attn_implementation(requested: str | None, config, dtype: torch.dtype | None
     return "flash_attention_2" if getattr(cls, "_supports_flash_attn", False) else None
 
 
-def _finish(model: nn.Module, cfg: ModelConfig, tokenizer) -> nn.Module:
+def _finish(model: nn.Module, cfg: ModelConfig, tokenizer, stop_ids: list[int] | None = None) -> nn.Module:
+    """Grow the embeddings for an added pad token, then make config, generation config
+    and tokenizer agree on the special token ids (so the export loads and generates
+    correctly in plain transformers: it stops at any of `stop_ids`)."""
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         # The pad token we added (or the tokenizer is larger than the model's vocabulary).
         model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    embeddings = model.get_input_embeddings()
+    if getattr(embeddings, "padding_idx", None) is not None:
+        # Built from the checkpoint's config, whose pad may be its EOS (SmolLM2, Llama-3):
+        # nn.Embedding never trains its padding_idx row, which would freeze EOS.
+        embeddings.padding_idx = tokenizer.pad_token_id
+    set_token_ids(model, tokenizer, stop_ids)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal LM from `cfg.path`, or randomly initialised from `cfg.arch`."""
+def set_token_ids(model: nn.Module, tokenizer, stop_ids: list[int] | None = None) -> None:
+    """pad / eos / bos ids of the tokenizer on the model's config and generation config;
+    the generation config's eos_token_id lists every stop id when there are several."""
+    stops = stop_ids or [tokenizer.eos_token_id]
+    for c in (model.config, getattr(model, "generation_config", None)):
+        if c is None:
+            continue
+        c.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.bos_token_id is not None:
+            c.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32,
+                   stop_ids: list[int] | None = None) -> nn.Module:
+    """A causal LM from `cfg.path` (a HF directory, hub name or GGUF file), or randomly
+    initialised from `cfg.arch`."""
     from transformers import AutoModelForCausalLM
+
+    from rlhf.model_source import model_dir
 
     config = _model_config(cfg, tokenizer, dtype=dtype)
     if cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(model_dir(cfg), config=config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    return _finish(model, cfg, tokenizer)
+    return _finish(model, cfg, tokenizer, stop_ids)
 
 
-def load_scalar_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_scalar_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float32,
+                      stop_ids: list[int] | None = None) -> nn.Module:
     """A scalar-head model (reward or value) from a causal-LM or reward-model directory,
     or randomly initialised from `cfg.arch`. A new head is initialised by transformers."""
     from transformers import AutoModelForSequenceClassification
 
+    from rlhf.model_source import model_dir
+
     config = _model_config(cfg, tokenizer, num_labels=1, dtype=dtype)
     if cfg.path is not None:
         model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            model_dir(cfg), config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     else:
         model = AutoModelForSequenceClassification.from_config(config, dtype=dtype,
                                                                trust_remote_code=cfg.trust_remote_code)
-    return _finish(model, cfg, tokenizer)
+    return _finish(model, cfg, tokenizer, stop_ids)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str) -> nn.Module:

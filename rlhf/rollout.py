@@ -7,9 +7,11 @@ Token layout of one rollout batch (B rows):
     attention_mask [  0   0  1 1 1 | 1 1 1  1   0   0  ]
     action_mask                    [ 1 1 1  1   0   0  ]   (R cols)
 
-The action mask covers the response up to and including the first EOS, found from
-positions; padding after it is masked out. Pad and EOS are different tokens (the
-tokenizer loader guarantees it), and the pad token is never sampled.
+The action mask covers the response up to and including the first stop token (any
+of `stop_ids`: the tokenizer's EOS, the chat template's end-of-turn token, the model's
+generation_config EOS ids; see rlhf.tokens.stop_token_ids), found from positions;
+padding after it is masked out. Pad differs from every stop token (the tokenizer
+loader guarantees it), and the pad token is never sampled.
 Every per-token tensor of PPO (`logprobs`, `values`, `rewards`, `advantages`, ...)
 has the response's R columns: column t is about response token t, and the model
 output that predicts it sits at position P + t - 1.
@@ -27,14 +29,23 @@ from rlhf.lm_head import causal_logprobs
 from rlhf.models import position_ids_from_mask
 
 
-def action_mask_from_response(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on response tokens up to and including the first EOS, 0 after; `(B, R)` long.
+def as_stop_ids(stop_ids: int | list[int]) -> list[int]:
+    return [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
 
-    A row without EOS (it reached max_new_tokens) is all ones.
+
+def is_stop(ids: torch.Tensor, stop_ids: int | list[int]) -> torch.Tensor:
+    """Boolean mask of the positions of `ids` holding any stop token."""
+    return torch.isin(ids, torch.tensor(as_stop_ids(stop_ids), device=ids.device))
+
+
+def action_mask_from_response(response_ids: torch.Tensor, stop_ids: int | list[int]) -> torch.Tensor:
+    """1 on response tokens up to and including the first stop token, 0 after; `(B, R)` long.
+
+    A row without one (it reached max_new_tokens) is all ones.
     """
     R = response_ids.shape[1]
     positions = torch.arange(R, device=response_ids.device).expand_as(response_ids)
-    is_eos = response_ids == eos_id
+    is_eos = is_stop(response_ids, stop_ids)
     first_eos = torch.where(is_eos, positions, torch.full_like(positions, R)).min(dim=1).values
     return (positions <= first_eos[:, None]).long()
 
@@ -82,8 +93,8 @@ def torch_linear():
 
 @torch.no_grad()
 def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: RolloutConfig, tokenizer,
-             zero_stage: int, greedy: bool = False,
-             with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             zero_stage: int, greedy: bool = False, with_logprobs: bool = False,
+             stop_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sample one response per prompt with the policy's engine.
 
     Args:
@@ -93,12 +104,14 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
         greedy: take the most likely token instead of sampling (for tests and comparisons).
         with_logprobs: also return the policy's log-probs of the chosen tokens, read off
             the logits generation computed (see `sample_responses`).
+        stop_ids: the tokens that end a response; None: the tokenizer's EOS.
 
     Returns:
         response_ids `(B, R)` (pad after the first EOS), action_mask `(B, R)`, with
         R <= cfg.max_new_tokens (generation stops when every row has ended), and the
-        log-probs `(B, R)` (0 after the first EOS) or None.
+        log-probs `(B, R)` (0 after the first stop token) or None.
     """
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     was_training = engine.module.training
     engine.module.eval()
     chunk = cfg.micro_batch_size or prompt_ids.shape[0]
@@ -106,19 +119,20 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
     with generation_context(engine, zero_stage):
         for i in range(0, prompt_ids.shape[0], chunk):
             outs.append(sample_responses(engine.module, prompt_ids[i:i + chunk], prompt_mask[i:i + chunk], cfg,
-                                         tokenizer.eos_token_id, tokenizer.pad_token_id, greedy, with_logprobs))
+                                         stop_ids, tokenizer.pad_token_id, greedy, with_logprobs))
     if was_training:
         engine.module.train()
     response = cat_padded([o[0] for o in outs], tokenizer.pad_token_id)
-    response, action_mask = end_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response, action_mask = end_at_eos(response, stop_ids, tokenizer.pad_token_id)
     if not with_logprobs:
         return response, action_mask, None
     return response, action_mask, cat_padded([o[1] for o in outs]) * action_mask
 
 
 @torch.no_grad()
-def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, s, eos_id: int, pad_id: int,
-                     greedy: bool = False, with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, s, stop_ids: int | list[int],
+                     pad_id: int, greedy: bool = False,
+                     with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One HF `generate` call on a causal LM (plain or PEFT): the generated ids `(B, R)`
     (HF pads rows that ended) and, with `with_logprobs`, their log-probs `(B, R)`.
 
@@ -128,12 +142,14 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     repetition_penalty, top_k, ...) are set aside for the call, since PPO's math
     assumes the responses were drawn from the policy as the config describes. Each
     step's logits go through `SamplingSteps`: EOS held back before min_new_tokens, pad
-    never chosen, then temperature, top-k and top-p, then one token drawn.
+    never chosen, then temperature, top-k and top-p, then one token drawn. Generation
+    of a row stops at the first of `stop_ids`.
     """
     from transformers import GenerationConfig
 
-    steps = SamplingSteps(s, eos_id, pad_id, prompt_ids.shape[1], greedy, with_logprobs, prompt_ids.device)
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, eos_token_id=eos_id,
+    stop_ids = as_stop_ids(stop_ids)
+    steps = SamplingSteps(s, stop_ids, pad_id, prompt_ids.shape[1], greedy, with_logprobs, prompt_ids.device)
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=pad_id, use_cache=True)
     with own_generation_config(model):
         seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg,
@@ -163,7 +179,7 @@ class SamplingSteps:
     run by `generate`'s greedy loop (no processor of HF's own is configured):
 
         record     log_softmax(logits / temperature), when log-probs are asked for
-        min_new    EOS at -inf before min_new_tokens
+        min_new    every stop token at -inf before min_new_tokens
         no pad     pad at -inf: pad is not a word
         temperature, top-k, top-p   (when sampling)
         pick       the next token: drawn by `sample_from_scores` (or the argmax when
@@ -175,7 +191,7 @@ class SamplingSteps:
     forward pass over the responses: in fp32 equal to it up to rounding.
     """
 
-    def __init__(self, s, eos_id: int, pad_id: int, prompt_width: int, greedy: bool, with_logprobs: bool,
+    def __init__(self, s, stop_ids: list[int], pad_id: int, prompt_width: int, greedy: bool, with_logprobs: bool,
                  device: torch.device):
         from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
                                                             SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
@@ -187,7 +203,7 @@ class SamplingSteps:
         self.with_logprobs = with_logprobs
         steps = [_Call(self.record)] if with_logprobs else []
         if s.min_new_tokens:
-            steps.append(MinNewTokensLengthLogitsProcessor(prompt_width, s.min_new_tokens, eos_id, device=device))
+            steps.append(MinNewTokensLengthLogitsProcessor(prompt_width, s.min_new_tokens, stop_ids, device=device))
         steps.append(SuppressTokensLogitsProcessor([pad_id], device=device))
         if not greedy:
             if self.temperature != 1.0:
@@ -248,10 +264,11 @@ def sample_from_scores(scores: torch.Tensor, generator: torch.Generator | None =
     return torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[1] - 1)
 
 
-def end_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generated `(B, R)` ids -> (ids with pad after the first EOS, action mask): whatever
-    generate put after the first EOS becomes pad, so the tensors say what the masks say."""
-    action_mask = action_mask_from_response(response_ids, eos_id)
+def end_at_eos(response_ids: torch.Tensor, stop_ids: int | list[int],
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated `(B, R)` ids -> (ids with pad after the first stop token, action mask):
+    whatever generate put after it becomes pad, so the tensors say what the masks say."""
+    action_mask = action_mask_from_response(response_ids, stop_ids)
     response_ids = torch.where(action_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     return response_ids, action_mask
 

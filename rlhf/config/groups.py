@@ -30,7 +30,11 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """A Hugging Face model directory or hub name to load weights from."""
+    """A Hugging Face model directory, a hub name, or a GGUF file (`*.gguf`, converted once
+    per machine to an fp32 HF directory under $RLHF_CACHE/models) to load weights from."""
+    gguf_file: str | None = None
+    """A GGUF file inside `path` (a directory or hub repo), as `from_pretrained(path,
+    gguf_file=...)` takes it; None when `path` is a HF directory or a .gguf file itself."""
     arch: dict[str, Any] | None = None
     """Build a randomly initialised model from this HF config instead of loading one,
     e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2}. Exclusive with `path`."""
@@ -57,6 +61,8 @@ class ModelConfig:
         v.check(self.path is not None or self.arch is not None, "path",
                 "set model.path (a HF model directory or hub name) or model.arch (a config to build from)")
         v.check(self.path is None or self.arch is None, "arch", "set model.path or model.arch, not both")
+        v.check(self.gguf_file is None or self.path is not None, "gguf_file",
+                "needs model.path: the directory or hub repo that holds the GGUF file")
         if self.arch is not None:
             v.check("model_type" in self.arch, "arch", "needs a model_type, e.g. llama, gpt2, opt")
         if self.dropout is not None:
@@ -69,10 +75,18 @@ class ModelConfig:
 class TokenizerConfig:
     path: str | None = None
     """Tokenizer directory or hub name; None uses model.path."""
-    pad_token: str = "<|pad|>"
-    """Added as the pad token when the tokenizer has none or pads with EOS (then the
-    embeddings are resized). Pad and EOS must differ: masks are built from positions,
-    and a pad equal to EOS hides every generated EOS."""
+    pad_token: str = "auto"
+    """The pad token, which must differ from every token that ends a response (masks are
+    built from positions; a pad equal to EOS would hide every generated EOS). `auto`
+    keeps the tokenizer's own pad when it is not an end token, else reuses an unused
+    special token the vocabulary has (`<|finetune_right_pad_id|>`, `<|pad|>`, `<pad>`,
+    `[PAD]`, `<|padding|>`, `<|endoftext|>`, then the unk token), else adds `<|pad|>`
+    (the embeddings grow by one row). A token string: reused when the vocabulary has it,
+    added when it does not. The choice is printed at start."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Tokens that end a response besides the ones found automatically: the tokenizer's
+    EOS, the chat template's end-of-turn token and the model's generation_config
+    eos_token_id list."""
     chat_template: str | None = None
     """A Jinja chat template (or a path to a file holding one) replacing the tokenizer's."""
 
@@ -274,6 +288,11 @@ class TrainConfig:
     """Per-rank batch size for evaluation; None uses micro_batch_size."""
     log_every: int = 1
     """Write train metrics every N optimizer steps."""
+    collective_timeout_minutes: float = 30.0
+    """How long a rank waits in a collective (all-reduce, barrier, a ZeRO gather) for
+    the others. A rank that died or stalls then ends the rest with an error naming it,
+    instead of leaving them waiting forever; keep it above the longest work one rank
+    does alone while the others wait (e.g. tokenizing the dataset the first time)."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.global_batch_size > 0, "global_batch_size", f"must be > 0, got {self.global_batch_size}")
@@ -283,10 +302,29 @@ class TrainConfig:
             v.check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         v.check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         v.check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        v.check(self.collective_timeout_minutes > 0, "collective_timeout_minutes",
+                f"must be > 0, got {self.collective_timeout_minutes}")
 
     def accumulation_steps(self, world_size: int) -> int:
         return exact_div(self.global_batch_size, self.micro_batch_size * world_size,
                          "train.global_batch_size", "train.micro_batch_size x ranks")
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None
+    """Weights & Biases project to log to; None turns W&B logging off."""
+    name: str | None = None
+    """Run name; None: the output directory's name, e.g. `sft`."""
+    entity: str | None = None
+    """W&B entity (user or team); None: your default."""
+    group: str | None = None
+    """Group runs together (e.g. the stages of one pipeline)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the run."""
+    mode: Literal["online", "offline"] = "online"
+    """`offline` writes the run under OUTPUT_DIR/wandb with no network (upload it later
+    with `wandb sync`)."""
 
 
 @dataclass
@@ -295,19 +333,34 @@ class LoggingConfig:
     """Also write TensorBoard event files to OUTPUT_DIR/tensorboard."""
     progress_bar: bool = True
     """Show a progress bar (main rank only)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Also log every metric to Weights & Biases (main rank only); a resumed stage
+    continues the same W&B run."""
+
+    def validate(self, v: Validator) -> None:
+        if self.wandb.project is not None:
+            import importlib.util
+
+            v.check(importlib.util.find_spec("wandb") is not None, "wandb.project",
+                    "W&B logging needs the wandb package: pip install wandb")
 
 
 @dataclass
 class CheckpointConfig:
+    every_minutes: float = 30.0
+    """Save a resumable checkpoint when this many minutes have passed since the last
+    one (rank 0's clock decides for all ranks); 0 turns it off. Besides `every`, and
+    besides the checkpoint written on SIGTERM or SIGUSR1 (then the run exits with code 75)."""
     every: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    """Also save one every N optimizer steps (0: by time only, and at the end)."""
     keep_last: int = 2
-    """Keep this many most recent checkpoints."""
+    """Keep this many most recent checkpoints (one more exists while the next is written)."""
     resume: str = "auto"
     """`auto` continues from the latest checkpoint in OUTPUT_DIR/checkpoints, `never`
     starts afresh (refusing to overwrite an existing run), or a checkpoint directory."""
 
     def validate(self, v: Validator) -> None:
+        v.check(self.every_minutes >= 0, "every_minutes", f"must be >= 0, got {self.every_minutes}")
         v.check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
         v.check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
         if self.resume not in ("auto", "never"):

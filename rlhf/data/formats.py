@@ -13,9 +13,12 @@ Formats (keys of a row):
 Pair rows also serve SFT (prompt + chosen) and every row with a prompt serves PPO,
 so one dataset can feed all three stages with ``data.stage_split``.
 
-Tokens: a prompt is tokenized with the tokenizer's special tokens (BOS), a response
-without them and followed by EOS. Chat rows are rendered by the template, which
-supplies its own special tokens.
+Tokens: a prompt is tokenized with the tokenizer's special tokens (BOS, never twice),
+a response without them and followed by EOS. Chat rows are rendered by the template,
+which supplies its own special tokens; a reply ends at the template's end-of-turn
+token (`<|im_end|>`, `<|eot_id|>`, ...): what the template writes after it (ChatML's
+newline) is not part of the reply, so the reward model scores, and SFT trains, the
+same last token at which generation stops.
 """
 
 from __future__ import annotations
@@ -155,11 +158,23 @@ class _Tok:
     """Tokenizer helpers shared by the stages."""
 
     def __init__(self, tokenizer):
+        from rlhf.tokens import stop_token_ids
+
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
+        self.stops = set(stop_token_ids(tokenizer))
 
     def prompt(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=True)["input_ids"]
+        from rlhf.tokens import encode_prompt
+
+        return encode_prompt(self.tok, text)
+
+    def end_at_stop(self, ids: list[int]) -> list[int]:
+        """`ids` up to and including the first stop token (all of them when there is none)."""
+        for i, t in enumerate(ids):
+            if t in self.stops:
+                return ids[: i + 1]
+        return ids
 
     def response(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
@@ -179,7 +194,7 @@ class _Tok:
         if not full.startswith(p):
             raise DataError(f"{where}: the chat template renders the prompt differently alone and in the "
                             "conversation, so the reply cannot be located")
-        return self.raw(p), self.raw(full[len(p):])
+        return self.raw(p), self.end_at_stop(self.raw(full[len(p):]))
 
 
 def _each(rows: list[Row], fmt_of, skip_bad: bool, report: Report, fn) -> list[dict]:
@@ -260,13 +275,17 @@ def _chat_sft(t: _Tok, msgs: Messages, where: str) -> tuple[list[int], list[int]
         end_ids = t.raw(t.render(msgs[: i + 1], False, where))
         if ids[: len(end_ids)] != end_ids:
             raise DataError(f"{where}: the chat template is not prefix-stable; cannot locate assistant turn {i}")
-        for j in range(start, len(end_ids)):
+        end = start + len(t.end_at_stop(end_ids[start:]))
+        for j in range(start, end):
             mask[j] = 1
-    return ids, mask
+    # What the template writes after the last trained token (a newline) teaches nothing.
+    last = max((j for j, m in enumerate(mask) if m), default=len(ids) - 1)
+    return ids[: last + 1], mask[: last + 1]
 
 
 def tokenize_pairs(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[dict], Report]:
-    """Rows -> {chosen_ids, rejected_ids, margin}: whole sequences (prompt + response + EOS)."""
+    """Rows -> {chosen_ids, rejected_ids, prompt_length, margin}: whole sequences (prompt +
+    response + EOS) and the prompt's token count."""
     t = _Tok(tokenizer)
     report = Report()
     max_prompt = cfg.max_prompt_length
@@ -303,7 +322,8 @@ def tokenize_pairs(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[di
                 report.counts["responses cut from the right"] += 1
                 if c == r:
                     return "dropped: identical after truncation"
-        return {"chosen_ids": p + c, "rejected_ids": p + r, "margin": float(margin or 0.0)}
+        # prompt_length: where the responses start (DPO scores response tokens only)
+        return {"chosen_ids": p + c, "rejected_ids": p + r, "prompt_length": len(p), "margin": float(margin or 0.0)}
 
     return _each(rows, _format_getter(cfg, "rm"), cfg.skip_bad_rows, report, one), report
 

@@ -34,7 +34,7 @@ from rlhf.losses import gae, lm_loss, make_kl_controller, masked_sum, policy_los
 from rlhf.losses import compute_rewards as reward_with_kl
 from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained,
                          sequence_scores)
-from rlhf.rollout import full_sequence, generate, response_logprobs, response_values, torch_linear
+from rlhf.rollout import full_sequence, generate, is_stop, response_logprobs, response_values, torch_linear
 from rlhf.trainers.base import Trainer
 
 
@@ -96,23 +96,23 @@ class PPOTrainer(Trainer):
         # policy: the model being trained (actor)
         policy_cfg = self.role_model("policy")
         with bb.model_init(cfg.role_deepspeed("policy")):
-            policy = load_causal_lm(policy_cfg, self.tokenizer, self.dtype)
+            policy = load_causal_lm(policy_cfg, self.tokenizer, self.dtype, self.stop_ids)
         policy = apply_lora(policy, policy_cfg.lora, "CAUSAL_LM")
         self.policy = bb.wrap(policy, cfg.role_deepspeed("policy"), cfg.policy.optim, micro, self.accumulation,
                               optimizer_steps)
         # value: estimates future reward per token (critic), by default from the reward model
         value_cfg = self.role_model("value")
         with bb.model_init(cfg.role_deepspeed("value")):
-            value = load_scalar_model(value_cfg, self.tokenizer, self.dtype)
+            value = load_scalar_model(value_cfg, self.tokenizer, self.dtype, self.stop_ids)
         value = ScalarModel(apply_lora(value, value_cfg.lora, "SEQ_CLS"))
         self.value = bb.wrap(value, cfg.role_deepspeed("value"), cfg.value.optim, micro, self.accumulation,
                              optimizer_steps)
         # reward model and reference policy: frozen, inference-only engines
         with bb.model_init(cfg.role_deepspeed("reward"), trainable=False):
-            reward = ScalarModel(load_scalar_model(cfg.reward.model, self.tokenizer, self.dtype))
+            reward = ScalarModel(load_scalar_model(cfg.reward.model, self.tokenizer, self.dtype, self.stop_ids))
         self.reward = bb.wrap(reward, cfg.role_deepspeed("reward"))
         with bb.model_init(cfg.role_deepspeed("ref_policy"), trainable=False):
-            ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype)
+            ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype, self.stop_ids)
         self.ref_policy = bb.wrap(ref, cfg.role_deepspeed("ref_policy"))
         self.engines = {"policy": self.policy, "value": self.value}
 
@@ -151,7 +151,9 @@ class PPOTrainer(Trainer):
         tokenizer. Refuse a mismatch at start instead of scoring garbage."""
         from transformers import AutoTokenizer
 
-        path = self.cfg.reward.model.path
+        from rlhf.model_source import model_dir
+
+        path = model_dir(self.cfg.reward.model)
         if path is None or not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             return
         theirs = AutoTokenizer.from_pretrained(path)
@@ -204,7 +206,8 @@ class PPOTrainer(Trainer):
         rollout = self.cfg.rollout
         response, action_mask, logprobs = generate(self.policy, prompt_ids, prompt_mask, rollout, self.tokenizer,
                                                    self.cfg.role_deepspeed("policy").zero_stage,
-                                                   with_logprobs=rollout.logprobs_from_generation)
+                                                   with_logprobs=rollout.logprobs_from_generation,
+                                                   stop_ids=self.stop_ids)
         logprobs, ref_logprobs, values, scores = self.score_responses(prompt_ids, prompt_mask, response,
                                                                       action_mask, logprobs)
         return Experience(prompt_ids, prompt_mask, response, action_mask, logprobs, ref_logprobs, values, scores,
@@ -249,7 +252,7 @@ class PPOTrainer(Trainer):
                               ppo.clip_score, ppo.kl_estimator)
 
     def has_eos(self, exp: Experience) -> torch.Tensor:
-        return ((exp.response_ids == self.tokenizer.eos_token_id) & exp.action_mask.bool()).any(dim=1)
+        return (is_stop(exp.response_ids, self.stop_ids) & exp.action_mask.bool()).any(dim=1)
 
     # ------------------------------------------------------------------ 3. advantages
 
@@ -318,12 +321,12 @@ class PPOTrainer(Trainer):
             if self.ptx is not None:
                 loss = loss + cfg.ppo.ptx.coef * self.ptx_loss()
             self.policy.backward(loss)
-            self.policy.step()
+            bb.step(self.policy)
 
             values = response_values(self.value, input_ids, attention_mask, P)
             v_loss, v_stats = value_loss(values, mb.values, mb.returns, mask, cfg.ppo.value_clip_range, normalizer)
             self.value.backward(v_loss)
-            self.value.step()
+            bb.step(self.value)
 
             n = mask.sum().item()
             sums += torch.tensor([pg_loss.item() * normalizer, v_loss.item() * normalizer, ent.item() * normalizer,
@@ -333,7 +336,10 @@ class PPOTrainer(Trainer):
         s = bb.all_reduce(sums) / max(n_tokens, 1.0)
         names = ["policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio", "value_clipfrac",
                  "value_error"]
-        return {f"ppo/{k}": s[i].item() for i, k in enumerate(names)}
+        stats = {f"ppo/{k}": s[i].item() for i, k in enumerate(names)}
+        stats["ppo/policy_grad_norm"] = bb.grad_norm(self.policy)
+        stats["ppo/value_grad_norm"] = bb.grad_norm(self.value)
+        return stats
 
     def ptx_loss(self) -> torch.Tensor:
         """Language-model loss on one micro-batch of the ptx data (InstructGPT's PPO-ptx)."""
@@ -404,14 +410,15 @@ class PPOTrainer(Trainer):
         size = cfg.rollout.micro_batch_size or self.prompts_per_rank
         sums = torch.zeros(6, dtype=torch.float64)
         with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
-            for idx in self.eval_index_batches(len(self.data.eval), size):
-                prompts = [self.data.eval[i] for i in idx]
-                exp = self.make_experience(prompts)
+            for idx, real in self.eval_index_batches(len(self.data.eval), size):
+                # Every rank samples and scores batches of the same sizes (its passes are
+                # collectives under ZeRO-3); only the first `real` rows are its own share.
+                exp = self.make_experience([self.data.eval[i] for i in idx]).select(torch.arange(real))
                 mask = exp.action_mask.float()
                 kl = masked_sum(exp.logprobs - exp.ref_logprobs, mask, dim=1)
                 gold = sum(self.gold_rewards(exp)) if self.gold_reward is not None else 0.0
                 sums += torch.tensor([exp.scores.sum().item(), kl.sum().item(), mask.sum().item(),
-                                      self.has_eos(exp).sum().item(), gold, len(prompts)], dtype=torch.float64)
+                                      self.has_eos(exp).sum().item(), gold, real], dtype=torch.float64)
         s = bb.all_reduce(sums)
         n = max(s[5].item(), 1.0)
         out = {"eval/score": s[0].item() / n, "eval/kl": s[1].item() / n, "eval/response_length": s[2].item() / n,
@@ -419,11 +426,6 @@ class PPOTrainer(Trainer):
         if self.gold_reward is not None:
             out["eval/gold_reward"] = s[4].item() / n
         return out
-
-    def eval_index_batches(self, n: int, size: int | None = None):
-        from rlhf.data.batching import eval_batches
-
-        return eval_batches(n, size or self.prompts_per_rank, self.backbone.world_size, self.backbone.rank)
 
     # ------------------------------------------------------------------ EMA, state, export
 
@@ -440,17 +442,23 @@ class PPOTrainer(Trainer):
             e.mul_(d).add_(t.to(e.dtype), alpha=1 - d)
 
     def state(self) -> dict[str, Any]:
+        # The ptx position in optimizer steps: their micro-batch count depends on the ranks.
         return {**super().state(), "kl_controller": self.kl_ctl.state_dict(),
-                "ptx_calls": getattr(self, "_ptx_calls", 0)}
+                "ptx_steps": getattr(self, "_ptx_calls", 0) // self.accumulation}
 
     def rank_state(self) -> dict[str, Any]:
         return {"ema": self.ema} if self.ema is not None else {}
 
     def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self._ptx_calls = state.get("ptx_calls", 0)
+        self._ptx_calls = state["ptx_steps"] * self.accumulation if "ptx_steps" in state else state.get("ptx_calls", 0)
         if self.ema is not None and "ema" in rank_state:
             self.ema = [t.to(e.device) for t, e in zip(rank_state["ema"], self.ema)]
+        elif self.ema is not None:
+            # Written by another number of ranks: the EMA shards do not map onto ours, so
+            # the average restarts from the resumed weights.
+            self.ema = [t.detach().clone() for t in self.ema_tensors()]
+            self.backbone.print("[ppo] the EMA of the policy restarts from the resumed weights")
 
     def export(self, out_dir: Path) -> None:
         """final/ holds the policy; final/value/ the value model; final/ema/ the EMA policy."""

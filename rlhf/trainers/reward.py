@@ -32,7 +32,7 @@ class RewardTrainer(Trainer):
                 # The shared-prefix layout needs a custom mask, which FlashAttention does not take.
                 model_cfg = dataclasses.replace(model_cfg, attn_implementation="sdpa")
         with bb.model_init(cfg.deepspeed):
-            model = load_scalar_model(model_cfg, self.tokenizer, self.dtype)
+            model = load_scalar_model(model_cfg, self.tokenizer, self.dtype, self.stop_ids)
         model = ScalarModel(apply_lora(model, cfg.model.lora, "SEQ_CLS"))
         self.reward = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)
@@ -65,7 +65,7 @@ class RewardTrainer(Trainer):
         for batch in micro_batches:
             loss, chosen, rejected = self.compute_loss(batch)
             self.reward.backward(loss)
-            self.reward.step()
+            bb.step(self.reward)
             loss_sum += loss.item() * chosen.numel()
             correct += int((chosen > rejected).sum())
             chosen_sum += chosen.sum().item()
@@ -73,14 +73,13 @@ class RewardTrainer(Trainer):
             pairs += chosen.numel()
         t = bb.all_reduce(torch.tensor([loss_sum, correct, chosen_sum, rejected_sum, pairs], dtype=torch.float64))
         n = t[4].item()
-        grad_norm = self.reward.get_global_grad_norm()
         return {
             "train/loss": t[0].item() / n,
             "train/accuracy": t[1].item() / n,
             "train/chosen_score": t[2].item() / n,
             "train/rejected_score": t[3].item() / n,
             "train/lr": self.reward.get_lr()[0],
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": bb.grad_norm(self.reward),
             "train/pairs_per_s": n / (time.perf_counter() - t0),
         }
 
@@ -88,8 +87,12 @@ class RewardTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         self.reward.eval()
         loss_sum, correct, chosen_sum, rejected_sum, pairs = 0.0, 0, 0.0, 0.0, 0
-        for idx in self.eval_index_batches(len(self.data.eval)):
-            loss, chosen, rejected = self.compute_loss(self.collate([self.data.eval[i] for i in idx]))
+        for idx, real in self.eval_index_batches(len(self.data.eval)):
+            # Padding is only needed where a rank has no real pair left: its forward pass
+            # still runs (a collective under ZeRO-3), its result is dropped.
+            loss, chosen, rejected = self.compute_loss(self.collate([self.data.eval[i] for i in idx[:max(real, 1)]]))
+            if real == 0:
+                continue
             loss_sum += loss.item() * chosen.numel()
             correct += int((chosen > rejected).sum())
             chosen_sum += chosen.sum().item()

@@ -31,7 +31,7 @@ class SFTTrainer(Trainer):
             require_model_type(family, PADDING_FREE_MODEL_TYPES, "data.padding_free",
                                "keep samples in one row apart by their position ids")
         with bb.model_init(cfg.deepspeed):
-            model = load_causal_lm(cfg.model, self.tokenizer, self.dtype)
+            model = load_causal_lm(cfg.model, self.tokenizer, self.dtype, self.stop_ids)
         self.padding_free = cfg.data.padding_free
         if self.padding_free is None:
             self.padding_free = (model.config._attn_implementation == "flash_attention_2"
@@ -83,15 +83,14 @@ class SFTTrainer(Trainer):
         for batch in micro_batches:
             loss = self.compute_loss(batch, normalizer)
             self.policy.backward(loss)
-            self.policy.step()
+            bb.step(self.policy)
             loss_sum += loss.item()
         loss_total = bb.all_reduce(torch.tensor(loss_sum)).item() / (self.accumulation * bb.world_size)
         elapsed = time.perf_counter() - t0
-        grad_norm = self.policy.get_global_grad_norm()
         return {
             "train/loss": loss_total,
             "train/lr": self.policy.get_lr()[0],
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": bb.grad_norm(self.policy),
             "train/tokens_per_s": counts[1].item() / elapsed,
             "train/response_tokens": counts[0].item(),
         }
@@ -100,8 +99,11 @@ class SFTTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         self.policy.eval()
         nll, count = 0.0, 0
-        for idx in self.eval_index_batches(len(self.data.eval)):
-            batch = self.collate([self.data.eval[i] for i in idx])
+        for idx, real in self.eval_index_batches(len(self.data.eval)):
+            # Padding is only needed where a rank has no real sample left: its forward pass
+            # still runs (a collective under ZeRO-3), and counts for nothing.
+            batch = self.collate([self.data.eval[i] for i in idx[:max(real, 1)]])
+            batch["loss_mask"][real:] = 0
             nll += self.compute_loss(batch, 1.0).item()
             count += int(batch["loss_mask"][:, 1:].sum())
         self.policy.train()
