@@ -1,7 +1,9 @@
-"""Peak tensor memory of an SFT step and a PPO policy step at a real vocabulary (152,064,
-Qwen2's) and 2,048 tokens: the full-logits arithmetic the trainers used before
-(commit c6956ff: `lm_loss` on the model's logits; `response_logprobs` with a full
-log-softmax for the entropy) against the chunked LM head (rlhf/lm_head.py).
+"""Peak tensor memory of an SFT step, a PPO policy step and a DPO step at a real
+vocabulary (152,064, Qwen2's) and 2,048 tokens: the full-logits arithmetic the trainers
+used before (commit c6956ff: `lm_loss` on the model's logits; `response_logprobs` with a
+full log-softmax for the entropy; DPO's `pair_logprobs` on the logits of its response
+positions, which `model.logits_chunk_mib=0` still runs) against the chunked LM head
+(rlhf/lm_head.py).
 
 Memory is counted by rlhf.memory.TensorMemory (every tensor storage created, until
 freed; fp32 on the CPU). The "loss part" is a step's peak minus the peak of the same
@@ -75,6 +77,16 @@ def ppo_after(model, ids, mask, P, old, adv, chunk_mib, with_entropy=True, tempe
     return policy_loss(lp, old, adv, mask[:, P:].float(), 0.2)[0]
 
 
+def dpo_step(model, batch, chunk_mib):
+    """One pair (chosen and rejected rows) through `pair_logprobs`, the sigmoid DPO loss
+    against fixed reference log-probs."""
+    from rlhf.losses import dpo_loss
+    from rlhf.trainers.dpo import pair_logprobs
+
+    chosen, rejected = pair_logprobs(model, batch, "cpu", chunk_mib=chunk_mib)
+    return dpo_loss(chosen, rejected, chosen.detach() - 1.0, rejected.detach() + 1.0, 0.1)[0]
+
+
 def body_only(model, ids, mask, first):
     hidden, _ = final_hidden_states(model, input_ids=ids, attention_mask=mask, use_cache=False,
                                     position_ids=position_ids_from_mask(mask), logits_to_keep=ids.shape[1] - first + 1)
@@ -120,6 +132,12 @@ def main() -> None:
     P = args.prompt
     old = torch.randn(B, T - P, generator=g) * 0.1 - 3.0
     adv = torch.randn(B, T - P, generator=g)
+    from rlhf.trainers.dpo import collate_dpo
+
+    # DPO: the two rows as one pair (same prompt, different responses), separate rows.
+    pair = {"chosen_ids": ids[0].tolist(), "rejected_ids": ids[0, :P].tolist() + ids[1, P:].tolist(),
+            "prompt_length": P, "margin": 0.0}
+    dpo_batch = collate_dpo([pair], 0, shared_prefix=False)
     results = {"args": vars(args), "steps": {}}
     runs = {
         "sft": {"before": lambda: sft_before(model, ids, mask, loss_mask),
@@ -129,6 +147,9 @@ def main() -> None:
                 "after": lambda: ppo_after(model, ids, mask, P, old, adv, args.chunk_mib),
                 "after, entropy off": lambda: ppo_after(model, ids, mask, P, old, adv, args.chunk_mib, False),
                 "body": lambda: body_only(model, ids, mask, P)},
+        "dpo": {"before": lambda: dpo_step(model, dpo_batch, 0),
+                "after": lambda: dpo_step(model, dpo_batch, args.chunk_mib),
+                "body": lambda: body_only(model, dpo_batch["input_ids"], dpo_batch["attention_mask"], P)},
     }
     for step, fns in runs.items():
         body = measure(model, fns.pop("body"))[0]

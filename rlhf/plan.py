@@ -83,6 +83,7 @@ def load_configs(path: str, overrides: list[str], stages: list[str] | None, worl
     it has a section for (overrides as `rlhf pipeline` takes them); a single-stage file
     needs `stages` to say which stage it is."""
     from rlhf.cli import config_class
+    from rlhf.config.loading import STAGES
     from rlhf.pipeline import chain_defaults
 
     data, where = load_yaml(path)
@@ -93,7 +94,11 @@ def load_configs(path: str, overrides: list[str], stages: list[str] | None, worl
             set_dotted(data, key, value)
             where[key] = f"command-line override {text!r}"
         chain_defaults(data, str(data.get("output_dir", "runs/default")))
-        stages = stages or [s for s in PLANNED if s in data]
+        if not stages:
+            stages = [s for s in PLANNED if s in data]
+            skipped = [s for s in STAGES if s in data and s not in PLANNED]
+            if skipped:
+                print(f"[plan] not planned: {', '.join(skipped)} (rlhf plan covers {', '.join(PLANNED)})")
     elif not stages:
         raise ConfigError(f"{path} is a single-stage config: name its stage with --stages sft, rm or ppo")
     unknown = [s for s in stages if s not in PLANNED]

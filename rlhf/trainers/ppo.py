@@ -227,8 +227,10 @@ class PPOTrainer(Trainer):
             for i in range(0, input_ids.shape[0], chunk):
                 ids, mask = input_ids[i:i + chunk], attention_mask[i:i + chunk]
                 if logprobs is None:
-                    out["logprobs"].append(response_logprobs(self.policy, ids, mask, P, T))
-                out["ref"].append(response_logprobs(self.ref_policy, ids, mask, P, T))
+                    out["logprobs"].append(response_logprobs(self.policy, ids, mask, P, T,
+                                                             chunk_mib=self.cfg.policy.model.logits_chunk_mib))
+                out["ref"].append(response_logprobs(self.ref_policy, ids, mask, P, T,
+                                                    chunk_mib=self.role_model("ref_policy").logits_chunk_mib))
                 out["values"].append(response_values(self.value, ids, mask, P))
                 out["scores"].append(sequence_scores(self.reward, ids, mask))
         self.policy.train()
@@ -313,7 +315,8 @@ class PPOTrainer(Trainer):
             P = mb.prompt_ids.shape[1]
             logprobs, entropy = response_logprobs(self.policy, input_ids, attention_mask, P,
                                                   cfg.rollout.temperature, with_entropy=True,
-                                                  entropy_grad=cfg.ppo.entropy_coef > 0)
+                                                  entropy_grad=cfg.ppo.entropy_coef > 0,
+                                                  chunk_mib=cfg.policy.model.logits_chunk_mib)
             pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, cfg.ppo.clip_range,
                                             normalizer)
             ent = masked_sum(entropy, mask) / normalizer
