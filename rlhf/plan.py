@@ -347,6 +347,9 @@ class Planner:
     def plan(self, stage: str) -> StagePlan:
         return {"sft": self.plan_sft, "rm": self.plan_rm, "ppo": self.plan_ppo}[stage](self.cfgs[stage])
 
+    def accumulation(self, cfg: BaseStageConfig) -> int:
+        return cfg.train.accumulation_steps(self.world.ranks)
+
     def describe(self, model: FakeModel, name: str, ds: DeepSpeedConfig) -> str:
         lora = f", {model.trainable / 1e6:,.1f}M trained (LoRA)" if model.trainable < model.params else ""
         return (f"{name}: {model.config.model_type}, {model.params / 1e6:,.1f}M parameters{lora}, vocabulary "
@@ -354,27 +357,37 @@ class Planner:
                 f"{'GPU' if self.world.device == 'cuda' else 'rank'}(s)")
 
     def trained_step(self, plan: StagePlan, model: FakeModel, model_cfg: ModelConfig, ds: DeepSpeedConfig,
-                     build, loss_fns) -> None:
+                     accumulation: int, build, loss_fns) -> None:
         """Model states and one micro-batch's forward and backward, as configured; the
         alternative gradient checkpointing in the note; the logits' share for LMs.
-        `loss_fns(model)` gives the configured loss, and for LMs (full logits, hidden only)."""
+        `loss_fns(model)` gives the configured loss, and for LMs (full logits, hidden only).
+        With gradient accumulation and whole gradients (ZeRO-0/1), a micro-batch after the
+        first runs its backward over the gradients held since the first: they count in full,
+        the new ones only until they are added in."""
         states, note, grads_in_run = model_states(model.params, model.trainable, model.largest, ds, True,
                                                   self.world)
         plan.parts.append(Part("model states", states, note))
+        held = model.trainable * (4 if ds.precision == "fp32" else 2) if grads_in_run and accumulation > 1 else 0
+        if held:
+            plan.parts.append(Part("gradients held between micro-batches", held, f"{accumulation} accumulated"))
         configured, *lm = loss_fns(model)
-        step = train_peak(model, configured, not grads_in_run)
+
+        def peak(m, fn):
+            return train_peak(m, fn, drop_grads=held > 0 or not grads_in_run)
+
+        step = peak(model, configured)
         other = build(not model_cfg.gradient_checkpointing)
-        step_other = train_peak(other, loss_fns(other)[0], not grads_in_run)
+        step_other = peak(other, loss_fns(other)[0])
         gc = "on" if model_cfg.gradient_checkpointing else "off"
         plan.parts.append(Part(f"forward + backward (checkpointing {gc})", step,
                                f"checkpointing {'off' if gc == 'on' else 'on'}: {fmt(step_other)}"))
         if lm:
-            full, hidden = (train_peak(model, fn, not grads_in_run) for fn in lm)
+            full, hidden = (peak(model, fn) for fn in lm)
             chunk = (f"{model_cfg.logits_chunk_mib:g} MiB chunks" if model_cfg.logits_chunk_mib
                      else "all at once")
             plan.parts.append(Part(f"  of which logits ({chunk})", max(step - hidden, 0),
                                    f"all at once: {fmt(max(full - hidden, 0))}"))
-        plan.peak = states + step
+        plan.peak = states + held + step
 
     def plan_sft(self, cfg: SFTConfig) -> StagePlan:
         rows, width = cfg.train.micro_batch_size, cfg.data.max_length
@@ -388,7 +401,7 @@ class Planner:
             model = build(cfg.model.gradient_checkpointing)
             plan.header = [self.describe(model, "policy", cfg.deepspeed),
                            f"micro-batch {rows} x {width} tokens, every position a target"]
-            self.trained_step(plan, model, cfg.model, cfg.deepspeed, build, lambda m: (
+            self.trained_step(plan, model, cfg.model, cfg.deepspeed, self.accumulation(cfg), build, lambda m: (
                 causal_loss(m, rows, width, 1, cfg.model.logits_chunk_mib),
                 causal_loss(m, rows, width, 1, 0), hidden_only_loss(m, rows, width, 1)))
         return plan
@@ -409,7 +422,7 @@ class Planner:
             layout = "shared-prefix rows, nothing shared" if shared else "separate rows"
             plan.header = [self.describe(model, "reward model", cfg.deepspeed),
                            f"micro-batch {micro} pairs: {rows} rows x {width} tokens ({layout})"]
-            self.trained_step(plan, model, cfg.model, cfg.deepspeed, build,
+            self.trained_step(plan, model, cfg.model, cfg.deepspeed, self.accumulation(cfg), build,
                               lambda m: (scalar_loss(m, rows, width, pairs_mask=shared),))
         return plan
 
@@ -477,19 +490,21 @@ class Planner:
             totals["scoring"] = max(score)
             plan.parts.append(Part("scoring passes", totals["scoring"], f"{score_rows} rollouts at a time"))
             # updates: the policy's, then the value model's, one micro-batch each; with
-            # gradient accumulation the other model's unsharded gradients are alive meanwhile
-            accumulation = cfg.train.global_batch_size // (micro * w.ranks)
+            # gradient accumulation both models' unsharded gradients are held between
+            # micro-batches (a backward adds its new gradients into its own, as in trained_step)
+            accumulation = self.accumulation(cfg)
             held = {role: roles[role][0].trainable * (4 if roles[role][2].precision == "fp32" else 2)
                     if grads_in_run[role] and accumulation > 1 else 0 for role in ("policy", "value")}
-            totals["policy update"] = held["value"] + train_peak(policy, causal_loss(
-                policy, micro, T, P, policy_cfg.logits_chunk_mib, r.temperature, cfg.ppo.entropy_coef > 0, True),
-                not grads_in_run["policy"])
             value = roles["value"][0]
-            totals["value update"] = held["policy"] + train_peak(value, scalar_loss(value, micro, T),
-                                                                 not grads_in_run["value"])
-            for name, other in (("policy update", "value"), ("value update", "policy")):
+            losses = {"policy": causal_loss(policy, micro, T, P, policy_cfg.logits_chunk_mib, r.temperature,
+                                            cfg.ppo.entropy_coef > 0, True),
+                      "value": scalar_loss(value, micro, T)}
+            for role, other in (("policy", "value"), ("value", "policy")):
+                name = f"{role} update"
+                totals[name] = held[role] + held[other] + train_peak(
+                    roles[role][0], losses[role], held[role] > 0 or not grads_in_run[role])
                 plan.parts.append(Part(name, totals[name], "forward + backward" + (
-                    f", the {other} model's gradients {fmt(held[other])}" if held[other] else "")))
+                    f", gradients held {fmt(held[role] + held[other])}" if held[role] + held[other] else "")))
         phase = max(totals, key=totals.get)
         plan.peak = states + experience + totals[phase]
         plan.header.append(f"the largest phase: {phase}" + ("; ppo.ptx is not counted" if cfg.ppo.ptx.coef else ""))

@@ -70,7 +70,8 @@ def measured_and_planned(tmp_path, tokenizer_dir, backbone, stage, overrides):
                                   stage: {}}))
     world = World(1, 1, "cpu")
     cfgs = load_configs(str(config), [f"{stage}.{o}" for o in overrides], None, world)
-    planned = Planner(cfgs, world).plan(stage).peak
+    plan = Planner(cfgs, world).plan(stage)
+    planned = plan.peak
     cfg = cfgs[stage]
     g = torch.Generator().manual_seed(0)
     with TensorMemory() as mem:
@@ -80,9 +81,9 @@ def measured_and_planned(tmp_path, tokenizer_dir, backbone, stage, overrides):
         if stage == "sft":
             T = cfg.data.max_length
             for _ in range(2):
-                ex = [{"input_ids": torch.randint(5, V - 1, (T,), generator=g).tolist(),
-                       "loss_mask": [0] + [1] * (T - 1)} for _ in range(cfg.train.micro_batch_size)]
-                trainer.train_step([trainer.collate(ex)])
+                trainer.train_step([trainer.collate([
+                    {"input_ids": torch.randint(5, V - 1, (T,), generator=g).tolist(), "loss_mask": [0] + [1] * (T - 1)}
+                    for _ in range(cfg.train.micro_batch_size)]) for _ in range(trainer.accumulation)])
         else:
             prompts = [{"prompt_ids": torch.randint(5, V - 1, (cfg.data.max_prompt_length,), generator=g).tolist(),
                         "prompt": ""} for _ in range(trainer.prompts_per_rank)]
@@ -91,24 +92,29 @@ def measured_and_planned(tmp_path, tokenizer_dir, backbone, stage, overrides):
             exp.rewards = trainer.compute_rewards(exp)
             exp.advantages, exp.returns = trainer.compute_advantages(exp)
             trainer.learn(exp)
-    return planned, mem.peak
+    return planned, mem.peak, plan
 
 
 ARCH = {**TINY_ARCHS["llama"], "hidden_size": 64, "intermediate_size": 128}
 
 
-def test_planned_sft_peak_is_within_tolerance_of_the_measured_one(tmp_path, tokenizer_dir, backbone):
+@pytest.mark.parametrize("micro", [8, 4])
+def test_planned_sft_peak_is_within_tolerance_of_the_measured_one(micro, tmp_path, tokenizer_dir, backbone):
     sft, _ = write_data(tmp_path)
-    planned, measured = measured_and_planned(tmp_path, tokenizer_dir, backbone, "sft", [
-        f"data.path={sft}", "data.max_length=64", "train.global_batch_size=8", "train.micro_batch_size=8",
+    planned, measured, plan = measured_and_planned(tmp_path, tokenizer_dir, backbone, "sft", [
+        f"data.path={sft}", "data.max_length=64", "train.global_batch_size=8", f"train.micro_batch_size={micro}",
         "train.max_steps=2", "model.dropout=0.0", f"model.arch={json.dumps(ARCH)}", "logging.progress_bar=false"])
     assert abs(planned / measured - 1) < TOLERANCE, (planned, measured)
+    # 2 micro-batches accumulated at ZeRO-0: the fp32 gradients (4 bytes each) held between them
+    held = [p.bytes for p in plan.parts if p.name.startswith("gradients held")]
+    trainable = sum(p.bytes for p in plan.parts if p.name == "model states") / 12  # fp32 ZeRO-0: 12 per parameter
+    assert held == ([4 * trainable] if micro == 4 else [])
 
 
 def test_planned_ppo_peak_is_within_tolerance_of_the_measured_one(tmp_path, tokenizer_dir, backbone):
     _, prompts = write_data(tmp_path)
     arch = json.dumps(ARCH)
-    planned, measured = measured_and_planned(tmp_path, tokenizer_dir, backbone, "ppo", [
+    planned, measured, _ = measured_and_planned(tmp_path, tokenizer_dir, backbone, "ppo", [
         f"data.path={prompts}", "data.max_length=48", "data.max_prompt_length=16", "rollout.batch_size=8",
         "rollout.max_new_tokens=32", "rollout.min_new_tokens=32", "train.global_batch_size=8",
         "train.micro_batch_size=4", "train.max_steps=1", "ppo.epochs=2", "logging.progress_bar=false", "sample_every=0",
