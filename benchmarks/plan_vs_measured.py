@@ -194,13 +194,13 @@ def main() -> None:
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-            raise SystemExit(f"{stage}: the child failed")
+            raise SystemExit(f"{stage}: the child failed (exit code {out.returncode})")
         r = json.loads(line[0][7:])
         results.append(r)
         print(f"{stage}: planned {r['planned_peak'] / 1e6:.1f} MB, measured {r['measured_peak'] / 1e6:.1f} MB "
               f"(plan / measured {r['ratio']:.3f}; plan took {r['plan_seconds']:.1f} s)", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"config": config, "results": results}, indent=1))
+        if args.out:  # after each stage: a later stage's failure keeps the earlier ones
+            Path(args.out).write_text(json.dumps({"config": config, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
