@@ -30,7 +30,9 @@ def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) ->
     ppo_cfg = cfgs["ppo"]
     gold = None
     if ppo_cfg.task is not None:
-        from rlhf.task import gold_reward as gold
+        from rlhf.task import gold_function
+
+        gold = gold_function(ppo_cfg.task)
     r = ppo_cfg.rollout
     texts, ids = held_out_prompts(ppo_cfg)
     sampling = Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
