@@ -62,12 +62,18 @@ ADJECTIVES = {
     "ugly": -1.0, "awful": -1.0, "terrible": -1.0,
 }
 
-# Words outside the list, of both sentiments: an answer with one of them scores BROKEN,
-# and the reward model must learn that from pairs, or PPO could drift to "great".
-OTHER_WORDS = ["great", "nice", "good", "bad", "sad", "big", "old", "new", "strange", "red"]
+# Words outside the list, mostly the glowing ones SmolLM2 likes to write: an answer with
+# one of them scores BROKEN. A reward model that has not learnt this from pairs scores
+# them by their sentiment, and PPO drifts to them (a reward hack the gold reward shows).
+OTHER_WORDS = ["great", "nice", "good", "fine", "amazing", "stunning", "excellent", "marvelous", "brilliant",
+               "delightful", "vibrant", "magnificent", "gorgeous", "perfect", "fantastic", "splendid", "peaceful",
+               "serene", "cozy", "majestic", "elegant", "warm", "bad", "sad", "boring", "dark", "strange",
+               "miserable", "old", "big"]
 
 BROKEN = -1.0  # gold reward of any answer not of the form "The <noun> is <listed adjective>."
-CORRUPTIONS = ("noun", "bare", "two", "extra", "other", "cut")
+# Kinds of broken answers, weighted: a word outside the list and another thing named are
+# the ones a reward model needs the most examples of (the others break the form plainly).
+CORRUPTIONS = {"other": 3, "noun": 2, "bare": 1, "two": 1, "extra": 1, "cut": 1}
 _PHRASING_RES = [re.compile(re.escape(p).replace(re.escape("{noun}"), "([a-z]+)")) for p in PHRASINGS]
 
 
@@ -133,7 +139,7 @@ def corrupt(rng: random.Random, noun: str, adjective: str) -> str:
     """A broken answer of one of the kinds PPO would try: another thing named, a bare
     word, two adjectives, an extra sentence, a word outside the list, an empty or cut
     answer. Each scores BROKEN; the reward model must learn that they cost."""
-    kind = rng.choice(CORRUPTIONS)
+    kind = rng.choices(list(CORRUPTIONS), weights=list(CORRUPTIONS.values()))[0]
     if kind == "noun":
         return make_answer(rng.choice([n for n in NOUNS if n != noun]), adjective)
     if kind == "bare":
