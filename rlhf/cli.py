@@ -271,7 +271,9 @@ def evaluate(args: argparse.Namespace) -> int:
     examples = examples[: args.limit]
     gold = None
     if args.task_gold:
-        from rlhf.task import gold_reward as gold
+        from rlhf.task import gold_function
+
+        gold = gold_function(args.task_gold)
     result = compare_policies(args.policy, args.baseline, args.reward_model, [e["prompt"] for e in examples],
                               Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        seed=args.seed), gold=gold, prompt_ids=[e["prompt_ids"] for e in examples])
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", required=True)
     p.add_argument("--reward-model", required=True)
     p.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet file with a prompt per row")
-    p.add_argument("--task-gold", action="store_true", help="also judge by the built-in task's gold reward")
+    p.add_argument("--task-gold", nargs="?", const="describe", default=None, choices=["describe", "one_word"],
+                   help="also judge by a built-in task's gold reward (describe when no task is named)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)

@@ -57,9 +57,9 @@ def final_metrics(cfg) -> dict[str, Any]:
 def task_gold(cfg):
     if cfg.task is None:
         return None
-    from rlhf.task import gold_reward
+    from rlhf.task import gold_function
 
-    return gold_reward
+    return gold_function(cfg.task)
 
 
 def ppo_section(ppo_cfg) -> tuple[dict[str, Any], list[dict]]:

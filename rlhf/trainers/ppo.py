@@ -127,9 +127,9 @@ class PPOTrainer(Trainer):
                                            bb.rank, cfg.seed)
         self.gold_reward = None
         if cfg.task is not None:
-            from rlhf.task import gold_reward
+            from rlhf.task import gold_function
 
-            self.gold_reward = gold_reward
+            self.gold_reward = gold_function(cfg.task)
         # Sampling must differ across ranks (same seed everywhere would give every rank
         # the same random stream); models are built, so this changes no initial weight.
         torch.manual_seed(cfg.seed * 1000 + bb.rank)
