@@ -33,17 +33,17 @@ the floor counts):
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
-from common import (compare, emit, is_real, parent_args, ppo_shape_args, precision_overrides, prepare_ppo, save,
-                    table, timed, timed_ours)
+from common import (call_clock, compare, emit, is_real, parent_args, ppo_shape_args, precision_overrides,
+                    prepare_ppo, save, step_times, table, timed, timed_ours, train_timer)
 
 
 def emit_episodes(spec: dict, seconds: float, **extra) -> None:
     episodes = spec["steps"] * spec["rollout"]
-    emit({"episodes_per_s": episodes / seconds, "train_s": seconds, "step_s": seconds / spec["steps"],
-          "episodes": episodes, **extra})
+    emit({"episodes_per_s": episodes / seconds, "train_s": seconds, "episodes": episodes, **extra})
 
 
 def ours_config(spec: dict):
@@ -69,22 +69,25 @@ def child_ours(spec: dict) -> None:
     trainer = PPOTrainer(ours_config(spec))
     trainer.setup()
     trainer.resume()
-    # Time making experience (generation and scoring) apart from learning, and record how
-    # wide the responses were (the floor generates the full response length).
-    make_experience, widths, experience_s = trainer.make_experience, [], []
+    # Each step's making of experience (generation and scoring) and learning, and how wide
+    # the responses were (the floor generates the full response length).
+    make_experience, widths = trainer.make_experience, []
 
-    def timed_experience(prompts):
-        t0 = time.perf_counter()
+    def recording_widths(prompts):
         exp = make_experience(prompts)
-        experience_s.append(time.perf_counter() - t0)
         widths.append(exp.response_ids.shape[1])
         return exp
 
-    trainer.make_experience = timed_experience
+    trainer.make_experience = recording_widths
+    experience, learn = call_clock(trainer, "make_experience", spec), call_clock(trainer, "learn", spec)
     seconds = timed_ours(spec, trainer)
-    experience = sum(experience_s) / spec["steps"]
-    emit_episodes(spec, seconds, experience_s=experience, learn_s=seconds / spec["steps"] - experience,
-                  response_widths=widths)
+    emit_episodes(spec, seconds, **step_times([a + b for a, b in zip(experience, learn)]),
+                  experience_s=steady(experience), learn_s=steady(learn), response_widths=widths)
+
+
+def steady(seconds: list[float]) -> float:
+    """The median over the steps after the first (see common.step_times)."""
+    return statistics.median(seconds[1:] or seconds)
 
 
 def child_floor(spec: dict) -> None:
@@ -113,13 +116,13 @@ def child_floor(spec: dict) -> None:
     opt_policy, opt_value = adamw(policy, spec["lr"]), adamw(value, spec["lr"])
     body, head = param_split(policy)
     R, micro, epochs = spec["response_length"], spec["micro"], spec["ppo_epochs"]
-    seconds = {"gen_s": 0.0, "score_s": 0.0, "learn_s": 0.0}
+    seconds: dict[str, list[float]] = {"gen_s": [], "score_s": [], "learn_s": []}
     flops = 0.0
 
     def clock(key: str, fn):
         t0 = time.perf_counter()
         out = fn()
-        seconds[key] += time.perf_counter() - t0
+        seconds[key].append(time.perf_counter() - t0)
         return out
 
     def step(batch: dict) -> None:
@@ -138,7 +141,7 @@ def child_floor(spec: dict) -> None:
                         response_values(value, seq, full, P), sequence_scores(reward, seq, full))
 
             old_logprobs, _, old_values, scores = clock("score_s", score)
-        width = R + 1  # positions whose logits are computed per row
+        width = R + 1  # positions whose logits are computed, per row
         flops += 2 * 2 * (body * seq.numel() + head * B * width) + 2 * 2 * body * seq.numel()
         action = torch.ones(B, seq.shape[1] - P)
         advantages = (scores - scores.mean())[:, None].expand_as(action)
@@ -151,11 +154,11 @@ def child_floor(spec: dict) -> None:
                     s, m, a = seq[i:i + micro], full[i:i + micro], action[i:i + micro]
                     logprobs, _ = response_logprobs(policy, s, m, P, with_entropy=True)
                     loss, _ = policy_loss(logprobs, old_logprobs[i:i + micro], advantages[i:i + micro], a, 0.2,
-                                          a.sum() * B / micro)
+                                          action.sum())
                     loss.backward()
                     values = response_values(value, s, m, P)
                     loss, _ = value_loss(values, old_values[i:i + micro], returns[i:i + micro], a, 0.2,
-                                         a.sum() * B / micro)
+                                         action.sum())
                     loss.backward()
                 optimizer_step(policy, opt_policy, 1.0)
                 optimizer_step(value, opt_value, 1.0)
@@ -166,12 +169,12 @@ def child_floor(spec: dict) -> None:
     with setup_frozen():
         for batch in steps:
             step(batch)
-    n = len(steps)
-    per_step = {k: v / n for k, v in seconds.items()}
-    total = sum(seconds.values())
-    emit({"step_s": total / n, "experience_s": per_step["gen_s"] + per_step["score_s"], **per_step,
-          "train_s": total, "episodes_per_s": n * spec["rollout"] / total,
-          **floor_metrics(flops, seconds["score_s"] + seconds["learn_s"])})
+    per_step = [sum(x) for x in zip(*seconds.values())]
+    total = sum(per_step)
+    emit({**step_times(per_step), **{k: steady(v) for k, v in seconds.items()},
+          "experience_s": steady([g + s for g, s in zip(seconds["gen_s"], seconds["score_s"])]),
+          "train_s": total, "episodes_per_s": len(steps) * spec["rollout"] / total,
+          **floor_metrics(flops, sum(seconds["score_s"]) + sum(seconds["learn_s"]))})
 
 
 def child_trl(spec: dict) -> None:
@@ -198,9 +201,10 @@ def child_trl(spec: dict) -> None:
         lr_scheduler_type="linear", num_sample_generations=0, report_to=[], save_strategy="no",
         logging_steps=spec["steps"], use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16",
         seed=spec["seed"], adam_beta2=0.95, disable_tqdm=True)
+    timer = train_timer(spec)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(64)))
-    emit_episodes(spec, timed(spec, trainer.train))
+                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(64)), callbacks=[timer])
+    emit_episodes(spec, timed(spec, trainer.train), **step_times(timer.step_seconds))
 
 
 def main() -> None:
@@ -224,8 +228,8 @@ def main() -> None:
                 precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["episodes_per_s", "train_s"]
     if real:
-        keys = ["step_s", "experience_s", "learn_s", "gen_s", "score_s", "episodes_per_s", "train_s", "gflops",
-                "matmul_gflops", "of_matmul"]
+        keys = ["step_s", "first_step_s", "experience_s", "learn_s", "gen_s", "score_s", "episodes_per_s",
+                "train_s", "gflops", "matmul_gflops", "of_matmul"]
     result = compare(__file__, spec, args.repeats, keys, ("ours", "trl", "floor") if real else ("ours", "trl"))
     result["table"] = table(result, keys, "episodes_per_s")
     print(result["table"])

@@ -28,9 +28,9 @@ import json
 import time
 from pathlib import Path
 
-from common import (compare, emit, floor_gflops, is_real, model_arch, parent_args, prepare, prepare_real,
-                    real_model_name, real_model_source, save, shape_defaults, supervised_overrides, table, timed,
-                    timed_ours, train_timer)
+from common import (call_clock, compare, emit, floor_gflops, is_real, model_arch, parent_args, prepare,
+                    prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
+                    supervised_overrides, table, timed, timed_ours, train_timer)
 
 
 def heldout_accuracy(model_dir: str, tokenizer_dir: str, pairs_file: str, max_length: int, device: str) -> float:
@@ -66,9 +66,10 @@ def child_ours(spec: dict) -> None:
     trainer.setup()
     trainer.resume()
     pairs = trainer.total_steps * spec["batch"]
+    seconds = call_clock(trainer, "train_step", spec)
     dt = timed_ours(spec, trainer)
     trainer.export(trainer.out / "final")
-    emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs,
+    emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs, **step_times(seconds),
           "accuracy": heldout_accuracy(str(trainer.out / "final"), spec["tokenizer"], spec["pairs_eval"],
                                        spec["max_length"], spec["device"])})
 
@@ -97,6 +98,7 @@ def child_trl(spec: dict) -> None:
     trainer.train()
     trainer.save_model(str(out / "final"))
     emit({"pairs_per_s": pairs / timer.seconds, "train_s": timer.seconds, "pairs": pairs,
+          **step_times(timer.step_seconds),
           "accuracy": heldout_accuracy(str(out / "final"), spec["tokenizer"], spec["pairs_eval"],
                                        spec["max_length"], spec["device"])})
 
@@ -127,16 +129,20 @@ def child_floor(spec: dict) -> None:
     pairs = sum(len(b["margin"]) for b in batches)
     flops = sum(6.0 * body * b["input_ids"].numel() for b in batches)
 
+    seconds = []
+
     def run() -> None:
         for micro_batches in steps:
+            t0 = time.perf_counter()
             for b in micro_batches:
                 chosen, rejected = pair_scores(model, b, torch.device("cpu"))
                 (pairwise_loss(chosen, rejected) / len(micro_batches)).backward()
             optimizer_step(model, opt, 1.0)
+            seconds.append(time.perf_counter() - t0)
 
     with setup_frozen():
         dt = timed(spec, run)
-    emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs, "steps": len(steps),
+    emit({"pairs_per_s": pairs / dt, "train_s": dt, "pairs": pairs, "steps": len(steps), **step_times(seconds),
           "positions": sum(b["input_ids"].numel() for b in batches), **floor_metrics(flops, dt)})
 
 
@@ -167,7 +173,7 @@ def main() -> None:
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
                 warmup=10 if source is None else 1, log_every=50, seed=42, precision=args.precision,
                 ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
-    keys = ["pairs_per_s", "train_s", "accuracy"]
+    keys = ["pairs_per_s", "step_s", "first_step_s", "train_s", "accuracy"]
     who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
     result = compare(__file__, spec, args.repeats, keys, who)
     if "floor" in who:

@@ -26,9 +26,9 @@ import json
 import time
 from pathlib import Path
 
-from common import (compare, emit, floor_gflops, is_real, long_sft_rows, model_arch, parent_args, prepare,
-                    prepare_real, real_model_name, real_model_source, save, shape_defaults, supervised_overrides,
-                    table, timed, timed_ours, train_timer)
+from common import (call_clock, compare, emit, floor_gflops, is_real, long_sft_rows, model_arch, parent_args,
+                    prepare, prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
+                    supervised_overrides, table, timed, timed_ours, train_timer)
 
 
 def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length: int, device: str) -> float:
@@ -67,9 +67,11 @@ def child_ours(spec: dict) -> None:
     trainer.resume()
     tokens = sum(len(trainer.data.train[i]["input_ids"]) for s in range(trainer.total_steps)
                  for mb in trainer.sampler.step(s) for i in mb)
+    seconds = call_clock(trainer, "train_step", spec)
     dt = timed_ours(spec, trainer)
     trainer.export(trainer.out / "final")
     emit({"tokens_per_s": tokens / dt, "train_s": dt, "tokens": tokens, "steps": trainer.total_steps,
+          **step_times(seconds),
           "eval_loss": heldout_loss(str(trainer.out / "final"), spec["tokenizer"], spec["sft_eval"],
                                     spec["max_length"], spec["device"])})
 
@@ -101,6 +103,7 @@ def child_trl(spec: dict) -> None:
     trainer.train()
     trainer.save_model(str(out / "final"))
     emit({"tokens_per_s": tokens / timer.seconds, "train_s": timer.seconds, "tokens": tokens,
+          **step_times(timer.step_seconds),
           "steps": steps_per_epoch * spec["epochs"],
           "eval_loss": heldout_loss(str(out / "final"), spec["tokenizer"], spec["sft_eval"], spec["max_length"],
                                     spec["device"])})
@@ -119,18 +122,21 @@ def child_floor(spec: dict) -> None:
     from rlhf.trainers.sft import first_target
 
     cfg = load_stage_config(SFTConfig, None, supervised_overrides(spec, spec["model"], spec["sft_train"]))
-    _, steps = stage_batches("sft", cfg, collate_sft)
+    tok, steps = stage_batches("sft", cfg, collate_sft)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).train()
     opt = adamw(model, spec["lr"])
     body, head = param_split(model)
     tokens, flops = 0, 0.0
     for b in (b for mbs in steps for b in mbs):
         B, T = b["input_ids"].shape
-        tokens += int(b["attention_mask"].sum())
+        tokens += int((b["input_ids"] != tok.pad_token_id).sum())  # packed rows have no attention mask
         flops += 6 * (body * B * T + head * B * (T - first_target(b["loss_mask"]) + 1))
+
+    seconds = []
 
     def run() -> None:
         for micro_batches in steps:
+            t0 = time.perf_counter()
             targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
             for b in micro_batches:
                 start = first_target(b["loss_mask"]) - 1
@@ -139,11 +145,12 @@ def child_floor(spec: dict) -> None:
                                logits_to_keep=b["input_ids"].shape[1] - start).logits
                 lm_loss(logits, b["input_ids"][:, start:], b["loss_mask"][:, start:], targets).backward()
             optimizer_step(model, opt, 1.0)
+            seconds.append(time.perf_counter() - t0)
 
     with setup_frozen():
         dt = timed(spec, run)
     emit({"tokens_per_s": tokens / dt, "train_s": dt, "tokens": tokens, "steps": len(steps),
-          **floor_metrics(flops, dt)})
+          **step_times(seconds), **floor_metrics(flops, dt)})
 
 
 def main() -> None:
@@ -185,7 +192,7 @@ def main() -> None:
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
                 warmup=10 if source is None else 2, log_every=50, seed=42, precision=args.precision,
                 ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
-    keys = ["tokens_per_s", "train_s", "eval_loss"]
+    keys = ["tokens_per_s", "step_s", "first_step_s", "train_s", "eval_loss"]
     who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
     result = compare(__file__, spec, args.repeats, keys, who)
     if "floor" in who:

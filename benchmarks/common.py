@@ -104,10 +104,11 @@ def prepare_real(work: Path, models: Path, source: str, seed: int = 0, num_sft: 
     turn, the generation prompt) into text, which both frameworks tokenize alike;
     responses stay text, each framework appending EOS (the end of the turn). SFT
     responses join `sft_join` demonstrations (about 96 tokens a row with SmolLM2).
-    Data files go to `work/`; saved once under `models/` (shared by the benchmarks): the tokenizer as our loader sets it up (a pad
-    apart from every token that ends a reply, so TRL's PPO does not mask EOS as
-    padding), the causal LM with its token ids set to it (`model`), and a scalar-head
-    copy with a new, seeded head (`rm_model`: the RM's start, PPO's value and reward).
+    Data files go to `work/`. Saved once under `models/`, shared by the benchmarks: the
+    tokenizer as our loader sets it up (a pad apart from every token that ends a reply,
+    so TRL's PPO does not mask EOS as padding), the causal LM with its token ids set to
+    it (`model`), and a scalar-head copy with a new, seeded head (`rm_model`: the RM's
+    start, PPO's value and reward model).
     """
     import random
 
@@ -162,7 +163,8 @@ def prepare_real(work: Path, models: Path, source: str, seed: int = 0, num_sft: 
     def rendered(src: Path) -> list[dict]:
         return [{**r, "prompt": render(r["prompt"])} for r in map(json.loads, src.read_text().splitlines())]
 
-    contents = {"sft_train": sft_rows(files["sft_train"], num_sft), "sft_eval": sft_rows(files["sft_eval"], num_sft_eval),
+    contents = {"sft_train": sft_rows(files["sft_train"], num_sft),
+                "sft_eval": sft_rows(files["sft_eval"], num_sft_eval),
                 **{k: rendered(files[k]) for k in ("pairs_train", "pairs_eval", "prompts_train", "prompts_eval")}}
     out = {}
     for name, rows in contents.items():
@@ -198,18 +200,53 @@ def timed_ours(spec: dict, trainer) -> float:
         return timed(spec, trainer.train)
 
 
+def call_clock(obj, name: str, spec: dict) -> list[float]:
+    """Replace method `name` of `obj` by one that records the seconds of each call
+    (device work included); returns the list it fills."""
+    fn, seconds = getattr(obj, name), []
+
+    def clocked(*args, **kwargs):
+        sync(spec)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(spec)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    setattr(obj, name, clocked)
+    return seconds
+
+
+def step_times(seconds: list[float]) -> dict[str, float]:
+    """The first step (allocations, lazy initialisation, optimizer state) and the median
+    of the others, apart: the median is the steady pace, and far less noisy."""
+    return {"first_step_s": seconds[0], "step_s": statistics.median(seconds[1:] or seconds)}
+
+
 def train_timer(spec: dict):
     """A transformers TrainerCallback timing a HF/TRL trainer's training loop (from its
     train-begin to its train-end event: model loading and tokenization excluded);
-    the result is its `seconds`."""
+    the result is its `seconds`, and each optimizer step's in `step_seconds`."""
     from transformers import TrainerCallback
 
     class TrainTimer(TrainerCallback):
         seconds = 0.0
 
+        def __init__(self):
+            self.step_seconds: list[float] = []
+
         def on_train_begin(self, *a, **k):
             sync(spec)
-            self.t0 = time.perf_counter()
+            self.t0 = self.step_t0 = time.perf_counter()
+
+        def on_step_begin(self, *a, **k):  # TRL's PPOTrainer has no such event: its steps run end to end
+            sync(spec)
+            self.step_t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync(spec)
+            self.step_seconds.append(time.perf_counter() - self.step_t0)
+            self.step_t0 = time.perf_counter()
 
         def on_train_end(self, *a, **k):
             sync(spec)
@@ -256,7 +293,10 @@ def peak_rss_mb() -> float:
 
 
 def emit(result: dict) -> None:
+    import torch
+
     result["peak_rss_mb"] = peak_rss_mb()
+    result["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -369,7 +409,7 @@ def is_real(args: argparse.Namespace) -> bool:
 def shape_defaults(args: argparse.Namespace, tiny: dict, real: dict) -> None:
     """Fill the shape arguments left unset (None) with the tiny or the real model's defaults."""
     for k, v in (real if is_real(args) else tiny).items():
-        if getattr(args, k) is None:
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
 
 
@@ -386,7 +426,7 @@ def ppo_shape_args(p: argparse.ArgumentParser, steps: int) -> None:
 def prepare_ppo(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
     """The PPO scripts' scratch directory and files (one per model, shared by them), after
     filling the shapes left unset with the model's defaults."""
-    shape_defaults(args, tiny=dict(steps=args.tiny_steps, rollout=64, micro=32, response_length=24),
+    shape_defaults(args, tiny=dict(steps=getattr(args, "tiny_steps", None), rollout=64, micro=32, response_length=24),
                    real=dict(steps=3, rollout=16, micro=8, response_length=32))
     source = real_model_source(args)
     if source is not None:
