@@ -3,9 +3,11 @@
 For each seed, runs `rlhf pipeline configs/quickstart.yaml` with that training seed and
 that task seed (new data, new tokenizer, new initial weights), then collects the report.
 Goals: RM held-out accuracy >= 0.95 against the gold labels, PPO win rate over SFT
->= 0.8 by gold reward, in under 5 minutes of training time on 2 CPU cores.
+>= 0.8 by gold reward, in under 5 minutes of training time on 2 CPU cores. With
+`--stages sft,dpo`: DPO's win rate over SFT >= 0.8 by gold reward, same time limit.
 
     python benchmarks/quickstart_seeds.py --seeds 1 2 3 --out benchmarks/results/quickstart_seeds.json
+    python benchmarks/quickstart_seeds.py --stages sft,dpo --seeds 0 1 2 --out benchmarks/results/quickstart_seeds_dpo.json
 """
 
 from __future__ import annotations
@@ -24,17 +26,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--root", default="runs/seeds")
     p.add_argument("--out", default=None)
+    p.add_argument("--stages", default="sft,rm,ppo", help="the pipeline's --stages: sft,rm,ppo or sft,dpo")
     args = p.parse_args()
+    if args.stages == "sft,dpo":
+        return dpo_seeds(args)
     rows = []
     for seed in args.seeds:
         out = Path(args.root) / f"seed-{seed}"
-        cmd = [sys.executable, "-m", "rlhf.cli", "pipeline", str(ROOT / "configs" / "quickstart.yaml"),
-               f"output_dir={out}", f"seed={seed}", f"task.seed={seed}", "logging.progress_bar=false"]
-        print("$ " + " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-        rep = json.loads((out / "report.json").read_text())
+        rep = run_pipeline(out, seed, [])
         row = {"seed": seed, "rm_accuracy": rep["rm"]["eval_accuracy"], "win_rate": rep["ppo"]["win_rate"],
                "gold_sft": rep["ppo"]["gold_reward_sft"], "gold_ppo": rep["ppo"]["gold_reward_ppo"],
                "kl": rep["ppo"]["kl"], "sft_perplexity": rep["sft"]["eval_perplexity"],
@@ -48,9 +47,45 @@ def main() -> None:
         print(f"| {r['seed']} | {r['rm_accuracy']:.3f} | {r['win_rate']:.3f} | {r['gold_sft']:.3f} -> "
               f"{r['gold_ppo']:.3f} | {r['kl']:.2f} | {r['sft_perplexity']:.2f} | {r['train_time_s']:.0f} | "
               f"{'yes' if r['goals_met'] else 'NO'} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    save_rows(rows, args.out)
+
+
+def dpo_seeds(args: argparse.Namespace) -> None:
+    rows = []
+    for seed in args.seeds:
+        out = Path(args.root) / f"seed-{seed}"
+        rep = run_pipeline(out, seed, ["--stages", "sft,dpo"])
+        d = rep["dpo"]
+        row = {"seed": seed, "reward_accuracy": d["eval_reward_accuracy"], "win_rate": d["win_rate"],
+               "gold_sft": d["gold_reward_sft"], "gold_dpo": d["gold_reward_policy"], "kl": d["kl"],
+               "prompts": d["prompts"], "sft_perplexity": rep["sft"]["eval_perplexity"],
+               "train_time_s": sum(rep["time_s"].values()), **{f"time_{k}": v for k, v in rep["time_s"].items()}}
+        row["goals_met"] = row["win_rate"] >= 0.8 and row["train_time_s"] < 300
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("| seed | DPO reward acc | win rate | gold SFT -> DPO | KL | SFT ppl | SFT / DPO (s) | goals |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['reward_accuracy']:.3f} | {r['win_rate']:.3f} | {r['gold_sft']:.3f} -> "
+              f"{r['gold_dpo']:.3f} | {r['kl']:.2f} | {r['sft_perplexity']:.2f} | {r['time_sft']:.0f} / "
+              f"{r['time_dpo']:.0f} | {'yes' if r['goals_met'] else 'NO'} |")
+    save_rows(rows, args.out)
+
+
+def run_pipeline(out: Path, seed: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "rlhf.cli", "pipeline", str(ROOT / "configs" / "quickstart.yaml"),
+           f"output_dir={out}", f"seed={seed}", f"task.seed={seed}", "logging.progress_bar=false", *extra]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return json.loads((out / "report.json").read_text())
+
+
+def save_rows(rows: list[dict], out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ abstraction picks the device and the backend).
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -82,6 +88,26 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer may be gone: nothing left to tidy
+            torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the duration (C++ code writes there directly)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,15 +121,32 @@ class Backbone:
     (then it sets the rank variables itself, so no launcher is needed for one rank).
     """
 
-    def __init__(self) -> None:
+    timeout_minutes = 30.0
+    _main_only_calls = 0
+
+    def __init__(self, timeout_minutes: float = 30.0) -> None:
+        """`timeout_minutes`: how long a collective waits for the other ranks before it
+        fails (a rank that died or stalls then ends the others instead of hanging them).
+        Fixed when the process group starts: a second Backbone keeps the first's."""
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         self.accelerator = get_accelerator()
         if not torch.distributed.is_initialized():
+            timeout = timedelta(minutes=timeout_minutes)
+            # The groups DeepSpeed creates later (data parallel, ZeRO) take torch's default
+            # timeout, not the world group's: make ours that default first.
+            c10d = torch.distributed.distributed_c10d
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
             deepspeed.init_distributed(dist_backend=self.accelerator.communication_backend_name(),
-                                       verbose=False)
+                                       verbose=False, timeout=timeout)
+            Backbone.timeout_minutes = timeout_minutes  # the process group's, for every Backbone
+            # Destroyed while Python is whole: otherwise a gloo worker thread may drop the
+            # last reference to a finished collective's tensors while the interpreter
+            # finalizes, take the GIL to do so, and abort the process (exit -6) after a run
+            # that succeeded (pytorch/pytorch#179291, #190489).
+            atexit.register(_destroy_process_group)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -133,26 +176,39 @@ class Backbone:
         """Run `fn` on the (node-local) main rank first, then on the others.
 
         For work that fills a cache (tokenization): the others then read it. If the
-        main rank fails, every rank raises the same error instead of hanging.
+        main rank fails, every rank raises instead of hanging.
         """
-        first = self.is_local_main if local else self.is_main
-        error = None
-        result = None
-        if first:
-            try:
-                result = fn()
-            except Exception as e:  # re-raised below on every rank
-                error = e
-        msg = [f"{type(error).__name__}: {error}" if error is not None else None]
-        torch.distributed.broadcast_object_list(msg, src=0)
-        if error is not None:
-            raise error
-        if msg[0] is not None:
-            raise RuntimeError(f"rank 0 failed: {msg[0]}")
-        if not first:
+        result = self.main_only(fn, local)
+        if not (self.is_local_main if local else self.is_main):
             result = fn()
         self.barrier()
         return result
+
+    def main_only(self, fn: Callable[[], Any], local: bool = False) -> Any:
+        """Run `fn` on the main rank (of each node, with `local`) while the others wait;
+        its result there, None elsewhere. They wait on the rendezvous store, not in a
+        collective, so the collective timeout does not cut short a long `fn` (a large
+        dataset tokenized, a checkpoint converted). If `fn` fails, every rank raises;
+        if the store's host (rank 0) dies, the waiting ranks raise at once."""
+        if self.world_size == 1:
+            return fn()
+        main = self.is_local_main if local else self.is_main
+        key = f"rlhf/main_only/{Backbone._main_only_calls}/" + (f"node{self.rank - self.local_rank}" if local else "all")
+        Backbone._main_only_calls += 1  # every rank makes the same calls, so keys agree
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if main:
+            try:
+                result = fn()
+            except Exception as e:
+                store.set(key, f"{type(e).__name__}: {e}")
+                raise
+            store.set(key, "")
+            return result
+        store.wait([key], timedelta(days=7))
+        error = store.get(key).decode()
+        if error:
+            raise RuntimeError(f"the main rank failed: {error}")
+        return None
 
     # ------------------------------------------------------------------ seeding and RNG
 
@@ -301,18 +357,56 @@ class Backbone:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def collective_failure(self, error: BaseException, wait_s: float = 5.0) -> str | None:
+        """A one-line account of `error` if it is a failed collective (a peer rank died,
+        or stalled past the timeout), naming the ranks that no longer answer; None for
+        any other error.
+
+        The lost ranks are found through the rendezvous store: every rank that fails
+        checks in there, and those that have not within `wait_s` are named. The store
+        lives in rank 0's process, so when it is gone, rank 0 is."""
+        text = str(error)
+        if not (isinstance(error, torch.distributed.DistError) or "gloo" in text or "NCCL" in text):
+            return None
+        lost = "a peer rank"
+        try:
+            with _stderr_silenced():  # a store client whose server is gone logs a C++ stack trace
+                missing = self._ranks_not_checked_in(wait_s)
+            if missing:
+                lost = "rank " + ", ".join(map(str, missing))
+        except Exception:  # the store is unreachable: its host, rank 0, is gone
+            if self.rank != 0:
+                lost = "rank 0"
+        # gloo's text is "[file.cc:line] what happened. Advice...": keep what happened.
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "").split(". ")[0]
+        return (f"rank {self.rank} lost {lost} (it died, or stalled longer than the collective timeout of "
+                f"{self.timeout_minutes:g} min): {detail}")
+
+    def _ranks_not_checked_in(self, wait_s: float) -> list[int]:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait_s))
+        store.set(f"rlhf/failed/{self.rank}", "1")
+        keys = {r: f"rlhf/failed/{r}" for r in range(self.world_size)}
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not store.check(list(keys.values())):
+            time.sleep(0.1)
+        return [r for r, k in keys.items() if not store.check([k])]
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, engines: dict[str, Any], ckpt_root: Path, step: int,
                         trainer_state: dict[str, Any], keep_last: int,
                         rank_state: dict[str, Any] | None = None) -> Path:
         """Write a resumable checkpoint atomically: into a temporary directory, renamed
-        to `step-N` only once every rank has finished writing. A crash mid-save leaves
-        the previous checkpoint intact and the temporary directory ignored."""
+        to `step-N` only once every rank has written its files and flushed them to disk.
+        A crash or kill -9 at any moment leaves the previous checkpoints intact and at
+        most a temporary directory, which the next save removes. At most `keep_last + 1`
+        checkpoints exist at any moment, the temporary one included."""
         final = ckpt_root / f"step-{step:08d}"
         tmp = ckpt_root / f".tmp-step-{step:08d}"
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in ckpt_root.glob(".tmp-step-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
         for name, engine in engines.items():
@@ -320,12 +414,17 @@ class Backbone:
         # Per-rank state: RNG streams (sampling differs per rank) and e.g. EMA shards.
         torch.save({"rng": self.rng_state(), **(rank_state or {})}, tmp / f"rank{self.rank}.pt")
         if self.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            state = {**trainer_state, "world_size": self.world_size}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        # Each rank flushes what it wrote (on a shared filesystem its node's cache holds
+        # it), so that a node that dies after the rename leaves no hole in the checkpoint.
+        _fsync_tree(tmp)
         self.barrier()
         if self.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync(ckpt_root)  # the rename itself
             for old in list_checkpoints(ckpt_root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -334,20 +433,67 @@ class Backbone:
     def load_checkpoint(self, engines: dict[str, Any], ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore engines (model, optimizer, scheduler) and this rank's RNG.
 
-        Returns the trainer state and this rank's extra state (empty when the
-        checkpoint was written by a different number of ranks)."""
+        A checkpoint written by another number of ranks loads too. ZeRO 1-3 split the
+        optimizer states by rank, so rank 0 first converts such a checkpoint, once, to
+        DeepSpeed's universal format (into `ckpt/universal/`), which any number of ranks
+        loads; ZeRO-0 states are whole in every checkpoint.
+
+        Returns the trainer state (with `world_size`, the writers' number of ranks) and
+        this rank's extra state (empty when that number differs from ours)."""
         if not (ckpt / "trainer_state.json").exists():
             raise ValueError(f"{ckpt} is not a finished checkpoint (no trainer_state.json)")
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state.setdefault("world_size", self.world_size)  # written before it was recorded
+        same_layout = state["world_size"] == self.world_size
         for name, engine in engines.items():
-            path, _ = engine.load_checkpoint(str(ckpt), tag=name)
+            if same_layout or engine.zero_optimization_stage() == 0:
+                path, _ = engine.load_checkpoint(str(ckpt), tag=name)
+            else:
+                path = self._load_universal(engine, ckpt, name)
             if path is None:
                 raise RuntimeError(f"checkpoint {ckpt} has no state for the {name} model")
         rank_file = ckpt / f"rank{self.rank}.pt"
         rank_state: dict[str, Any] = {}
-        if rank_file.exists():
+        if same_layout and rank_file.exists():
             rank_state = torch.load(rank_file, weights_only=False)
             self.set_rng_state(rank_state.pop("rng"))
-        return json.loads((ckpt / "trainer_state.json").read_text()), rank_state
+        return state, rank_state
+
+    def _load_universal(self, engine, ckpt: Path, tag: str) -> str | None:
+        """Load engine `tag` of `ckpt` through its universal form, converting it first."""
+        universal = ckpt / "universal"
+
+        def convert() -> None:
+            if (universal / tag).is_dir():
+                return
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = ckpt / f".universal-tmp-{tag}"  # renamed when whole, like every checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(ckpt / tag), output_folder=str(tmp / tag), num_extract_workers=workers,
+                num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                inject_missing_state=True))  # our checkpoints carry no Megatron layout info, none is needed
+            _fsync_tree(tmp)
+            universal.mkdir(exist_ok=True)
+            os.replace(tmp / tag, universal / tag)
+            _fsync(universal)
+            shutil.rmtree(tmp)
+
+        self.main_only(convert)
+        engine._config.load_universal_checkpoint = True  # DeepSpeed reads its config flag at load time
+        try:
+            path, _ = engine.load_checkpoint(str(universal), tag=tag)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        # DeepSpeed 0.19.8's ZeRO-3 universal load hands all parameter groups one shared
+        # `step` tensor, which torch's AdamW then advances once per group per step (so the
+        # bias correction runs ahead, and the run drifts): give each group its own.
+        for st in engine.optimizer.optimizer.state.values() if engine.optimizer is not None else []:
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+        return path
 
     # ------------------------------------------------------------------ export
 
@@ -379,6 +525,22 @@ class Backbone:
         if not params:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(params)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

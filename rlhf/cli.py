@@ -1,8 +1,8 @@
 """The `rlhf` command: one launcher for every stage, one GPU to many nodes.
 
-    rlhf sft|rm|ppo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
+    rlhf sft|rm|ppo|dpo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
                           [--hostfile F] [--no-ssh --node-rank R --master-addr A] [--dry-run]
-    rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo] [launcher flags]
+    rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo | sft,dpo] [launcher flags]
 
 With one rank the stage runs in this process. With more, the command runs the
 stage script (`launch/<stage>.py`) under the `deepspeed` launcher and prints the
@@ -13,8 +13,10 @@ validated here before anything starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -24,9 +26,9 @@ from rlhf.config import STAGES, ConfigError, check_batch_sizes, load_stage_confi
 from rlhf.model_source import check_model_source
 
 def config_class(stage: str):
-    from rlhf.config import PPOConfig, RMConfig, SFTConfig
+    from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 
-    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}[stage]
+    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}[stage]
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -133,7 +135,79 @@ def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.N
     if args.num_procs and "OMP_NUM_THREADS" not in env:
         # CPU ranks share the cores; without this each rank starts one thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.num_procs or 1)))
-    return subprocess.call(cmd, env=env)
+    return run_launcher(cmd, env)
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the `deepspeed` launcher and return its exit code, passing a stop signal on
+    to every rank of this node so that they all write their checkpoint.
+
+    The launcher is two processes, runner.py and launch.py, and neither forwards
+    SIGUSR1: its default action would kill them and orphan the ranks. So they start
+    with SIGUSR1 ignored (inherited across exec); SIGTERM makes launch.py SIGTERM the
+    ranks, then SIGKILL them 30 s later. A SIGTERM or SIGUSR1 to this process (the
+    one a scheduler or a terminal signals) reaches each rank as SIGUSR1; this process
+    then waits for the ranks themselves, which may outlive a launcher killed by the
+    same signal, and returns EXIT_PREEMPTED. (With `--hostfile` over ssh, the other
+    nodes' ranks are out of reach: there, signal each node's `rlhf`, as SLURM does.)
+    """
+    import psutil
+
+    from launch.common import EXIT_PREEMPTED
+
+    default_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGUSR1, default_usr1)
+    ranks: dict[int, psutil.Process] = {}  # the ranks told to stop
+    asked = []
+
+    def forward(signum=None, frame=None):
+        if signum is not None:
+            asked.append(signum)
+        for p in rank_processes(proc.pid):
+            ranks[p.pid] = p
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGUSR1)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if asked:  # again: a rank that was still starting ignored it (it stops once)
+                    forward()
+        if asked:
+            psutil.wait_procs(list(ranks.values()))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if asked and rc != 0:
+        print(f"[rlhf] stopped by {signal.Signals(asked[0]).name} (exit {EXIT_PREEMPTED}): run the same command "
+              "again to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    return rc
+
+
+def rank_processes(launcher_pid: int):
+    """The ranks this node's launcher started: the children of DeepSpeed's launch.py."""
+    import psutil
+
+    try:
+        procs = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for p in procs:
+        try:
+            if any("deepspeed.launcher.launch" in a for a in p.cmdline()):
+                out += p.children()
+        except psutil.Error:
+            pass
+    return out
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -212,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF in three stages on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage, text in [("sft", "supervised fine-tuning"), ("rm", "reward model on ranked pairs"),
-                        ("ppo", "PPO against the reward model")]:
+                        ("ppo", "PPO against the reward model"),
+                        ("dpo", "direct preference optimisation on ranked pairs")]:
         p = sub.add_parser(stage, help=text)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value (relative to the stage's section)")
@@ -220,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pipeline", help="SFT, then RM, then PPO, then a report")
     p.add_argument("config", help="a multi-stage config with sft:, rm: and ppo: sections")
     p.add_argument("overrides", nargs="*", help="key=value (shared) or stage.key=value")
-    p.add_argument("--stages", default="sft,rm,ppo", help="run only these stages, e.g. rm,ppo")
+    p.add_argument("--stages", default="sft,rm,ppo", help="run these stages, e.g. rm,ppo or sft,dpo")
     add_launcher_args(p)
     p = sub.add_parser("chat", help="talk to a trained policy")
     p.add_argument("model_dir")
@@ -257,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             unknown = [s for s in stages if s not in STAGES]
             if unknown:
-                raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from sft, rm, ppo)")
+                raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
             return run_pipeline(args.config, args.overrides, stages, args)
         if args.command == "chat":
             return chat(args)

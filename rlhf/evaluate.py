@@ -135,8 +135,8 @@ def sequence_kl(model, ref, input_ids, attention_mask, action_mask, prompt_width
     return torch.cat(out)
 
 
-def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_dir: str | Path, prompts: list[str],
-                     sampling: Sampling, gold: Callable[[str, str], float] | None = None,
+def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_dir: str | Path | None,
+                     prompts: list[str], sampling: Sampling, gold: Callable[[str, str], float] | None = None,
                      device: str = "cpu", prompt_ids: list[list[int]] | None = None) -> dict:
     """Mean scores of both policies, the policy's win rate over the baseline, its KL to it.
 
@@ -144,9 +144,10 @@ def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_di
     chat template's end of turn, its generation_config's EOS ids); `prompt_ids`, when
     given, are the prompts as the trainer tokenized them.
 
-    Returns a dict with `score_policy`, `score_baseline`, `win_rate_score`, `kl`,
-    `response_length_policy`, `eos_rate_policy`, and, when `gold` is given, `gold_policy`,
-    `gold_baseline`, `win_rate` (by gold reward), plus `samples` (a few examples).
+    Returns a dict with `kl`, `response_length_policy`, `eos_rate_policy`, with a reward
+    model (`reward_dir`; None for none, as after DPO) `score_policy`, `score_baseline`,
+    `win_rate_score`, and, when `gold` is given, `gold_policy`, `gold_baseline`, `win_rate`
+    (by gold reward), plus `samples` (a few examples).
     """
     from rlhf.task import win_rate
     from rlhf.tokens import stop_token_ids
@@ -154,14 +155,14 @@ def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_di
     policy, tok = load_policy(policy_dir, device)
     stops = stop_token_ids(tok, policy_dir)
     baseline, _ = load_policy(baseline_dir, device)
-    rm = load_reward_model(reward_dir, device)
+    rm = load_reward_model(reward_dir, device) if reward_dir is not None else None
     results: dict = {"prompts": len(prompts)}
     per: dict[str, dict] = {}
     for name, model in (("policy", policy), ("baseline", baseline)):
         ids, mask, resp, action = sample(model, tok, prompts, sampling, stops, prompt_ids)
         seq, seq_mask = full_sequence(ids, mask, resp, action)
         texts = [tok.decode(r[a.bool()].tolist(), skip_special_tokens=True) for r, a in zip(resp, action)]
-        per[name] = {"scores": score(rm, seq, seq_mask).tolist(), "texts": texts,
+        per[name] = {"scores": score(rm, seq, seq_mask).tolist() if rm is not None else None, "texts": texts,
                      "length": action.sum(1).float().mean().item(),
                      "eos": (is_stop(resp, stops) & action.bool()).any(1).float().mean().item()}
         if name == "policy":
@@ -169,9 +170,10 @@ def compare_policies(policy_dir: str | Path, baseline_dir: str | Path, reward_di
                                         sampling.temperature).mean().item()
         if gold is not None:
             per[name]["gold"] = [gold(p, t) for p, t in zip(prompts, texts)]
-    results["score_policy"] = sum(per["policy"]["scores"]) / len(prompts)
-    results["score_baseline"] = sum(per["baseline"]["scores"]) / len(prompts)
-    results["win_rate_score"] = win_rate(per["policy"]["scores"], per["baseline"]["scores"])
+    if rm is not None:
+        results["score_policy"] = sum(per["policy"]["scores"]) / len(prompts)
+        results["score_baseline"] = sum(per["baseline"]["scores"]) / len(prompts)
+        results["win_rate_score"] = win_rate(per["policy"]["scores"], per["baseline"]["scores"])
     results["response_length_policy"] = per["policy"]["length"]
     results["eos_rate_policy"] = per["policy"]["eos"]
     if gold is not None:

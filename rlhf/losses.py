@@ -304,3 +304,81 @@ def make_kl_controller(kind: str, kl_coef: float, target: float | None = None,
             raise ValueError("the adaptive KL controller needs a target and a horizon")
         return AdaptiveKLController(kl_coef, target, horizon)
     raise ValueError(f"unknown KL controller {kind!r}; choose fixed or adaptive")
+
+
+# --------------------------------------------------------------------------- direct preference optimisation
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def sequence_logprobs(token_logprobs: torch.Tensor, sequence: torch.Tensor, num_sequences: int,
+                      average: bool = False) -> torch.Tensor:
+    """Per-sequence log-probs `(S,)` from the log-probs of their scored tokens.
+
+    Args:
+        token_logprobs: `(N,)` log p of every scored token of the batch, in any order.
+        sequence: `(N,)` which sequence (0..S-1) each token belongs to.
+        num_sequences: S; a sequence with no token gets 0.
+        average: the mean over the sequence's tokens instead of the sum (SimPO's
+            length-normalised log-probability, Meng et al. 2024).
+    """
+    sums = torch.zeros(num_sequences, dtype=token_logprobs.dtype, device=token_logprobs.device)
+    sums = sums.index_add(0, sequence, token_logprobs)
+    if not average:
+        return sums
+    counts = torch.bincount(sequence, minlength=num_sequences).clamp(min=1)
+    return sums / counts.to(sums.dtype)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimisation (Rafailov et al. 2023) and its variants, mean over pairs.
+
+    With `h = (pc - rc) - (pr - rr)`, the chosen response's log-ratio to the reference
+    minus the rejected one's:
+
+    - `sigmoid`: DPO, `-log sigmoid(beta h)`; with `label_smoothing` ls > 0 conservative
+      DPO (Mitchell 2023), which assumes labels are flipped with probability ls:
+      `-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)`;
+    - `ipo`: IPO (Azar et al. 2023), `(h - 1 / (2 beta))^2`, which regresses h to a fixed
+      target instead of pushing it to infinity (the paper's h is on token-averaged
+      log-probs: pass averaged log-probs for that).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: `(B,)` sequence log-probs of the
+            responses under the policy (summed or averaged over response tokens).
+        ref_chosen_logps, ref_rejected_logps: `(B,)` the same under the reference.
+        beta: the KL coefficient (IPO's tau).
+        loss_type: `sigmoid` or `ipo`.
+        label_smoothing: ls in [0, 0.5), `sigmoid` only.
+
+    Returns:
+        loss, and detached batch means: `reward_accuracy` (share of pairs whose chosen
+        implicit reward is strictly above the rejected one's, as TRL counts: a tie is
+        wrong), `chosen_reward` and `rejected_reward` (implicit rewards
+        `beta * (policy - ref)`), `margin` (chosen minus rejected reward).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    with torch.no_grad():
+        chosen_rewards = beta * chosen_logratios
+        rejected_rewards = beta * rejected_logratios
+        stats = {
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "chosen_reward": chosen_rewards.mean(),
+            "rejected_reward": rejected_rewards.mean(),
+            "margin": (chosen_rewards - rejected_rewards).mean(),
+        }
+    return losses.mean(), stats

@@ -1,10 +1,10 @@
 """`rlhf pipeline`: SFT, then the reward model, then PPO, each from the previous output,
-then a report of what RLHF did.
+then a report of what RLHF did. `--stages sft,dpo` runs SFT, then DPO from it.
 
 Layout under the run's root (`output_dir`):
 
     pipeline.yaml      the multi-stage config as run (file + overrides)
-    sft/ rm/ ppo/      one directory per stage (final/, checkpoints/, metrics.jsonl, ...)
+    sft/ rm/ ppo/ dpo/ one directory per stage (final/, checkpoints/, metrics.jsonl, ...)
     timings.json       wall time of each stage
     report.md, report.json, report.png
 
@@ -29,11 +29,12 @@ from rlhf.config import (STAGES, ConfigError, from_dict, load_yaml, parse_overri
 
 def chain_defaults(data: dict[str, Any], root: str) -> list[str]:
     """Point each stage at the previous stage's output where the config leaves it open:
-    the RM and the PPO policy start from SFT, the PPO value and reward models from the RM.
+    the RM and the PPO and DPO policies start from SFT, the PPO value and reward models
+    from the RM.
     Returns what was filled in, to be printed."""
     filled = []
     wanted = [("rm", ("model",), "sft"), ("ppo", ("policy", "model"), "sft"), ("ppo", ("value", "model"), "rm"),
-              ("ppo", ("reward", "model"), "rm")]
+              ("ppo", ("reward", "model"), "rm"), ("dpo", ("model",), "sft")]
     for stage, path, source in wanted:
         section = data.get(stage)
         if not isinstance(section, dict):
@@ -47,8 +48,9 @@ def chain_defaults(data: dict[str, Any], root: str) -> list[str]:
     return filled
 
 
-def load_pipeline(config: str, overrides: list[str], world_size: int):
-    """The multi-stage dict with overrides applied, and every stage's validated config."""
+def load_pipeline(config: str, overrides: list[str], world_size: int, stages: list[str] = ("sft", "rm", "ppo")):
+    """The multi-stage dict with overrides applied, and the validated config of every stage
+    it has a section for (checked against `world_size` for the `stages` that will run)."""
     from rlhf.cli import config_class
 
     data, where = load_yaml(config)
@@ -56,27 +58,39 @@ def load_pipeline(config: str, overrides: list[str], world_size: int):
         key, value = parse_override(text)
         set_dotted(data, key, value)
         where[key] = f"command-line override {text!r}"
-    missing = [s for s in STAGES if s not in data]
+    missing = [s for s in stages if s not in data]
     if missing:
-        raise ConfigError(f"{config} has no section for {', '.join(missing)} (a pipeline config has sft:, rm: "
-                          "and ppo: sections)")
+        raise ConfigError(f"{config} has no section for {', '.join(missing)} (it has: "
+                          f"{', '.join(s for s in STAGES if s in data)}); choose the stages to run with --stages")
     root = str(data.get("output_dir", "runs/default"))
     filled = chain_defaults(data, root)
     cfgs = {}
-    for stage in STAGES:
+    for stage in (s for s in STAGES if s in data):
         stage_dict, stage_where = resolve_stage_dict(data, where, stage, (), config)
         cfg = from_dict(config_class(stage), stage_dict, stage_where)
-        validate(cfg, stage_where, world_size)
+        validate(cfg, stage_where, world_size if stage in stages else None)
         cfgs[stage] = cfg
     return data, root, cfgs, filled
 
 
+def finished(output_dir: str) -> bool:
+    """Whether a stage's directory holds a finished run: final/ beside the config.yaml
+    every run writes. A final/ alone is someone else's: refused, not skipped."""
+    out = Path(output_dir)
+    if (out / "final").is_dir() and not (out / "config.yaml").is_file():
+        raise ConfigError(f"output_dir {out} holds final/ but no config.yaml: it is not an rlhf run directory; "
+                          "choose a new output_dir")
+    return (out / "final").is_dir()
+
+
 def run_pipeline(config: str, overrides: list[str], stages: list[str], args: argparse.Namespace) -> int:
+    from launch.common import EXIT_PREEMPTED
     from rlhf.cli import launch_stage, planned_world_size, stage_command
 
-    data, root, cfgs, filled = load_pipeline(config, overrides, planned_world_size(args))
+    data, root, cfgs, filled = load_pipeline(config, overrides, planned_world_size(args), stages)
     root_dir = Path(root)
     resolved = root_dir / "pipeline.yaml"
+    done = {stage: finished(cfgs[stage].output_dir) for stage in stages}  # refuses foreign directories first
     if args.dry_run:  # every config is valid; show the commands, write nothing
         for stage in stages:
             print("$ " + " ".join(stage_command(stage, str(resolved), [], args)[0]))
@@ -88,7 +102,7 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
     timings_path = root_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for stage in stages:
-        if (Path(cfgs[stage].output_dir) / "final").is_dir():
+        if done[stage]:
             print(f"[pipeline] {stage}: finished before, skipped ({cfgs[stage].output_dir}/final)")
             continue
         print(f"[pipeline] {stage}: starting", flush=True)
@@ -97,9 +111,10 @@ def run_pipeline(config: str, overrides: list[str], stages: list[str], args: arg
         timings[stage] = timings.get(stage, 0.0) + time.time() - t0  # a resumed stage adds up its runs
         timings_path.write_text(json.dumps(timings, indent=1))
         if rc != 0:
-            print(f"[pipeline] {stage} failed (exit {rc}); re-run the same command to resume it")
+            what = "stopped on request, with a checkpoint" if rc == EXIT_PREEMPTED else "failed"
+            print(f"[pipeline] {stage} {what} (exit {rc}); re-run the same command to resume it")
             return rc
-    if all((Path(cfg.output_dir) / "final").is_dir() for cfg in cfgs.values()):
+    if all(finished(cfgs[s].output_dir) for s in stages):
         from rlhf.report import write_report
 
         write_report(root_dir, cfgs, timings)

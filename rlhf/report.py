@@ -6,53 +6,108 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rlhf.config import STAGES
 from rlhf.evaluate import Sampling, compare_policies
 from rlhf.metrics import read_metrics
 from rlhf.model_source import model_dir
 
 
-def held_out_prompts(ppo_cfg) -> tuple[list[str], list[list[int]]]:
-    """The PPO stage's evaluation prompts (its training prompts if it has none): texts and
-    token ids, as the trainer tokenized them."""
+def held_out_prompts(cfg, stage_index: int = 2) -> tuple[list[str], list[list[int]]]:
+    """A stage's evaluation prompts (its training prompts if it has none): texts and token
+    ids, as the trainer tokenized them. PPO's prompts (stage_index 2), or the prompts of
+    DPO's pairs (1)."""
     from rlhf.data.formats import tokenize_prompts
     from rlhf.data.sources import load_rows
     from rlhf.models import load_tokenizer
 
-    train, ev = load_rows(ppo_cfg.data, 2)
-    tok = load_tokenizer(ppo_cfg.tokenizer, ppo_cfg.primary_model())
-    examples, _ = tokenize_prompts(ev or train, tok, ppo_cfg.data)
+    train, ev = load_rows(cfg.data, stage_index)
+    tok = load_tokenizer(cfg.tokenizer, cfg.primary_model())
+    examples, _ = tokenize_prompts(ev or train, tok, cfg.data)
     return [e["prompt"] for e in examples], [e["prompt_ids"] for e in examples]
 
 
+def finished(cfgs: dict[str, Any], stage: str) -> bool:
+    return stage in cfgs and (Path(cfgs[stage].output_dir) / "final").is_dir()
+
+
 def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    sft = json.loads((Path(cfgs["sft"].output_dir) / "final" / "final_metrics.json").read_text())
-    rm = json.loads((Path(cfgs["rm"].output_dir) / "final" / "final_metrics.json").read_text())
-    ppo_cfg = cfgs["ppo"]
-    gold = None
-    if ppo_cfg.task is not None:
-        from rlhf.task import gold_reward as gold
+    """One section per finished stage (sft, rm, ppo, dpo), their times, PPO's samples."""
+    rep: dict[str, Any] = {}
+    if finished(cfgs, "sft"):
+        sft = final_metrics(cfgs["sft"])
+        rep["sft"] = {"eval_perplexity": sft.get("eval/perplexity"), "eval_loss": sft.get("eval/loss")}
+    if finished(cfgs, "rm"):
+        rm = final_metrics(cfgs["rm"])
+        rep["rm"] = {"eval_accuracy": rm.get("eval/accuracy"), "eval_margin": rm.get("eval/margin")}
+    samples = None
+    if finished(cfgs, "ppo"):
+        rep["ppo"], samples = ppo_section(cfgs["ppo"])
+    if finished(cfgs, "dpo"):
+        rep["dpo"] = dpo_section(cfgs["dpo"])
+    rep["time_s"] = {s: round(timings.get(s, 0.0), 1) for s in STAGES if s in rep}
+    if samples is not None:
+        rep["samples"] = samples
+    return rep
+
+
+def final_metrics(cfg) -> dict[str, Any]:
+    return json.loads((Path(cfg.output_dir) / "final" / "final_metrics.json").read_text())
+
+
+def task_gold(cfg):
+    if cfg.task is None:
+        return None
+    from rlhf.task import gold_reward
+
+    return gold_reward
+
+
+def ppo_section(ppo_cfg) -> tuple[dict[str, Any], list[dict]]:
     r = ppo_cfg.rollout
     texts, ids = held_out_prompts(ppo_cfg)
     sampling = Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
                         top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed)
     cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", model_dir(ppo_cfg.policy.model),
-                           model_dir(ppo_cfg.reward.model), texts, sampling, gold=gold, prompt_ids=ids)
+                           model_dir(ppo_cfg.reward.model), texts, sampling, gold=task_gold(ppo_cfg), prompt_ids=ids)
     return {
-        "sft": {"eval_perplexity": sft.get("eval/perplexity"), "eval_loss": sft.get("eval/loss")},
-        "rm": {"eval_accuracy": rm.get("eval/accuracy"), "eval_margin": rm.get("eval/margin")},
-        "ppo": {
-            "prompts": cmp["prompts"],
-            "gold_reward_sft": cmp.get("gold_baseline"),
-            "gold_reward_ppo": cmp.get("gold_policy"),
-            "rm_score_sft": cmp["score_baseline"],
-            "rm_score_ppo": cmp["score_policy"],
-            "win_rate": cmp.get("win_rate"),
-            "win_rate_rm": cmp["win_rate_score"],
-            "kl": cmp["kl"],
-            "response_length": cmp["response_length_policy"],
-            "eos_rate": cmp["eos_rate_policy"],
-        },
-        "time_s": {s: round(timings.get(s, 0.0), 1) for s in ("sft", "rm", "ppo")},
+        "prompts": cmp["prompts"],
+        "gold_reward_sft": cmp.get("gold_baseline"),
+        "gold_reward_ppo": cmp.get("gold_policy"),
+        "rm_score_sft": cmp["score_baseline"],
+        "rm_score_ppo": cmp["score_policy"],
+        "win_rate": cmp.get("win_rate"),
+        "win_rate_rm": cmp["win_rate_score"],
+        "kl": cmp["kl"],
+        "response_length": cmp["response_length_policy"],
+        "eos_rate": cmp["eos_rate_policy"],
+    }, cmp["samples"]
+
+
+def dpo_section(dpo_cfg) -> dict[str, Any]:
+    """The DPO policy against its start (the SFT policy) on the held-out pairs' prompts,
+    each once: gold reward (built-in task), win rate, KL; no reward model is involved."""
+    s = dpo_cfg.eval_sampling
+    texts, ids = held_out_prompts(dpo_cfg, 1)
+    first: dict[str, int] = {}  # each prompt once
+    for i, t in enumerate(texts):
+        first.setdefault(t, i)
+    once = list(first.values())
+    cmp = compare_policies(Path(dpo_cfg.output_dir) / "final", model_dir(dpo_cfg.model), None,
+                           [texts[i] for i in once],
+                           Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                    top_p=s.top_p, seed=dpo_cfg.seed), gold=task_gold(dpo_cfg),
+                           prompt_ids=[ids[i] for i in once])
+    final = final_metrics(dpo_cfg)
+    return {
+        "eval_reward_accuracy": final.get("eval/reward_accuracy"),
+        "eval_margin": final.get("eval/margin"),
+        "prompts": cmp["prompts"],
+        "gold_reward_sft": cmp.get("gold_baseline"),
+        "gold_reward_policy": cmp.get("gold_policy"),
+        "win_rate": cmp.get("win_rate"),
+        "kl": cmp["kl"],
+        "response_length": cmp["response_length_policy"],
+        "eos_rate": cmp["eos_rate_policy"],
         "samples": cmp["samples"],
     }
 
@@ -64,19 +119,34 @@ def _fmt(v: Any) -> str:
 
 
 def report_table(rep: dict[str, Any]) -> str:
-    p = rep["ppo"]
-    rows = [
-        ("SFT eval perplexity", rep["sft"]["eval_perplexity"]),
-        ("RM held-out accuracy", rep["rm"]["eval_accuracy"]),
-        ("gold reward: SFT policy", p["gold_reward_sft"]),
-        ("gold reward: PPO policy", p["gold_reward_ppo"]),
-        ("RM score: SFT policy", p["rm_score_sft"]),
-        ("RM score: PPO policy", p["rm_score_ppo"]),
-        ("PPO win rate over SFT (gold)", p["win_rate"]),
-        ("PPO win rate over SFT (RM)", p["win_rate_rm"]),
-        ("KL(PPO || SFT) per response", p["kl"]),
-        ("time: SFT / RM / PPO (s)", " / ".join(_fmt(rep["time_s"][s]) for s in ("sft", "rm", "ppo"))),
-    ]
+    rows = []
+    if "sft" in rep:
+        rows.append(("SFT eval perplexity", rep["sft"]["eval_perplexity"]))
+    if "rm" in rep:
+        rows.append(("RM held-out accuracy", rep["rm"]["eval_accuracy"]))
+    if "ppo" in rep:
+        p = rep["ppo"]
+        rows += [
+            ("gold reward: SFT policy", p["gold_reward_sft"]),
+            ("gold reward: PPO policy", p["gold_reward_ppo"]),
+            ("RM score: SFT policy", p["rm_score_sft"]),
+            ("RM score: PPO policy", p["rm_score_ppo"]),
+            ("PPO win rate over SFT (gold)", p["win_rate"]),
+            ("PPO win rate over SFT (RM)", p["win_rate_rm"]),
+            ("KL(PPO || SFT) per response", p["kl"]),
+        ]
+    if "dpo" in rep:
+        d = rep["dpo"]
+        rows += [
+            ("DPO held-out reward accuracy", d["eval_reward_accuracy"]),
+            ("DPO: gold reward of SFT policy", d["gold_reward_sft"]),
+            ("DPO: gold reward of DPO policy", d["gold_reward_policy"]),
+            ("DPO win rate over SFT (gold)", d["win_rate"]),
+            ("KL(DPO || SFT) per response", d["kl"]),
+        ]
+    stages = list(rep["time_s"])
+    rows.append((f"time: {' / '.join(s.upper() for s in stages)} (s)",
+                 " / ".join(_fmt(rep["time_s"][s]) for s in stages)))
     width = max(len(k) for k, _ in rows)
     lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k.ljust(width)} | {_fmt(v)} |" for k, v in rows]
@@ -92,9 +162,12 @@ def plot_report(root: Path, cfgs: dict[str, Any], out_png: Path) -> None:
     panels = [("sft", ["train/loss", "eval/loss"], "SFT loss"), ("rm", ["eval/accuracy"], "RM held-out accuracy"),
               ("ppo", ["ppo/score", "eval/score"], "PPO: reward-model score"),
               ("ppo", ["ppo/gold_reward", "eval/gold_reward"], "PPO: gold reward"),
-              ("ppo", ["ppo/kl", "eval/kl"], "PPO: KL to the reference")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2))
-    for ax, (stage, keys, title) in zip(axes, panels):
+              ("ppo", ["ppo/kl", "eval/kl"], "PPO: KL to the reference"),
+              ("dpo", ["train/reward_accuracy", "eval/reward_accuracy"], "DPO: reward accuracy"),
+              ("dpo", ["eval/gold_reward"], "DPO: gold reward")]
+    panels = [p for p in panels if finished(cfgs, p[0])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2), squeeze=False)
+    for ax, (stage, keys, title) in zip(axes[0], panels):
         rows = read_metrics(Path(cfgs[stage].output_dir) / "metrics.jsonl")
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -113,11 +186,13 @@ def write_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) ->
     rep = build_report(root, cfgs, timings)
     table = report_table(rep)
     (root / "report.json").write_text(json.dumps(rep, indent=1))
-    samples = "\n".join(f"- prompt: {s['prompt'].strip()!r}\n  - SFT: {s['baseline']!r}\n  - PPO: {s['policy']!r}"
-                        for s in rep["samples"])
-    (root / "report.md").write_text(f"# RLHF pipeline report: {root}\n\n{table}\n\n"
-                                    f"Held-out prompts: {rep['ppo']['prompts']}.\n\n## Samples\n\n{samples}\n\n"
-                                    "![curves](report.png)\n")
+    text = f"# RLHF pipeline report: {root}\n\n{table}\n\n"
+    for stage, samples in (("ppo", rep.get("samples")), ("dpo", rep.get("dpo", {}).get("samples"))):
+        if samples is not None:
+            lines = "\n".join(f"- prompt: {s['prompt'].strip()!r}\n  - SFT: {s['baseline']!r}\n  - "
+                              f"{stage.upper()}: {s['policy']!r}" for s in samples)
+            text += f"## {stage.upper()} samples ({rep[stage]['prompts']} held-out prompts)\n\n{lines}\n\n"
+    (root / "report.md").write_text(text + "![curves](report.png)\n")
     plot_report(root, cfgs, root / "report.png")
     print(f"\n{table}\n\nreport: {root / 'report.md'}", flush=True)
     return rep

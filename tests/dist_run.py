@@ -18,6 +18,8 @@ def trainer_class(stage):
         from rlhf.trainers.sft import SFTTrainer as cls
     elif stage == "rm":
         from rlhf.trainers.reward import RewardTrainer as cls
+    elif stage == "dpo":
+        from rlhf.trainers.dpo import DPOTrainer as cls
     else:
         from rlhf.trainers.ppo import PPOTrainer as cls
     return cls

@@ -138,3 +138,30 @@ def test_pipeline_dry_run_prints_commands_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("deepspeed.launcher.runner --num_gpus 2") == 3
     assert not (tmp_path / "run").exists()
+
+
+def test_sft_then_dpo_reaches_its_goal(run):
+    """`--stages sft,dpo` on the same root: SFT is found finished, DPO starts from it and
+    the report gains a dpo section (the win rate over SFT by gold reward, no reward model)."""
+    root, _, _ = run
+    proc = rlhf("pipeline", CONFIG, f"output_dir={root}", "logging.progress_bar=false", "--stages", "sft,dpo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sft: finished before, skipped" in proc.stdout and "DPO win rate over SFT (gold)" in proc.stdout
+    d = json.loads((root / "report.json").read_text())["dpo"]
+    assert d["win_rate"] >= 0.8 and d["gold_reward_policy"] > d["gold_reward_sft"] + 0.3, d
+    assert d["eval_reward_accuracy"] >= 0.9 and 0 < d["kl"] < 10, d
+    assert json.loads((root / "report.json").read_text())["time_s"]["dpo"] > 0
+
+
+def test_a_pipeline_without_rm_and_ppo_sections_runs_sft_and_dpo(tmp_path):
+    import yaml
+
+    data = yaml.safe_load(open(CONFIG))
+    del data["rm"], data["ppo"]
+    config = tmp_path / "sft_dpo.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = rlhf("pipeline", config, f"output_dir={tmp_path / 'run'}", "--stages", "sft,dpo", "--dry-run", timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("--config") == 2, proc.stdout + proc.stderr
+    proc = rlhf("pipeline", config, f"output_dir={tmp_path / 'run'}", "--dry-run", timeout=120)
+    assert proc.returncode == 2 and "has no section for rm, ppo (it has: sft, dpo)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,10 +1,10 @@
 """Typed configs for every stage: YAML in, dotted overrides on top, validated before work.
 
-One dataclass tree per stage (``SFTConfig``, ``RMConfig``, ``PPOConfig``) built
+One dataclass tree per stage (``SFTConfig``, ``RMConfig``, ``PPOConfig``, ``DPOConfig``) built
 from shared groups. Help text lives once, in the docstring under each field.
 
 A config file is either a single stage (its top-level keys are the stage's
-fields) or a multi-stage file with ``sft:``, ``rm:`` and ``ppo:`` sections:
+fields) or a multi-stage file with ``sft:``, ``rm:``, ``ppo:`` and ``dpo:`` sections:
 top-level keys outside those sections are shared defaults for every stage,
 ``output_dir`` at the top is the root and each stage writes to
 ``<root>/<stage>`` unless its section says otherwise, and string values may
@@ -20,6 +20,7 @@ from rlhf.config.loading import (STAGES, ConfigError, Validator, dump, exact_div
 from rlhf.config.stages import (BaseStageConfig, PPOConfig, PPOHParams, PtxConfig, RewardOptions, RMConfig,
                                 RoleConfig, RolloutConfig, SFTConfig, check_batch_sizes, load_stage_config,
                                 validate)
+from rlhf.config.stages import DPOConfig, DPOHParams, EvalSamplingConfig
 
 __all__ = [
     "BaseStageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "LoggingConfig",
@@ -28,3 +29,4 @@ __all__ = [
     "TrainConfig", "Validator", "check_batch_sizes", "dump", "exact_div", "from_dict", "is_multi_stage",
     "load_stage_config", "load_yaml", "parse_override", "resolve_stage_dict", "set_dotted", "to_dict", "validate",
 ]
+__all__ += ["DPOConfig", "DPOHParams", "EvalSamplingConfig"]

@@ -260,6 +260,11 @@ class TrainConfig:
     """Per-rank batch size for evaluation; None uses micro_batch_size."""
     log_every: int = 1
     """Write train metrics every N optimizer steps."""
+    collective_timeout_minutes: float = 30.0
+    """How long a rank waits in a collective (all-reduce, barrier, a ZeRO gather) for
+    the others. A rank that died or stalls then ends the rest with an error naming it,
+    instead of leaving them waiting forever; keep it above the longest work one rank
+    does alone while the others wait (e.g. tokenizing the dataset the first time)."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.global_batch_size > 0, "global_batch_size", f"must be > 0, got {self.global_batch_size}")
@@ -269,6 +274,8 @@ class TrainConfig:
             v.check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         v.check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         v.check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        v.check(self.collective_timeout_minutes > 0, "collective_timeout_minutes",
+                f"must be > 0, got {self.collective_timeout_minutes}")
 
     def accumulation_steps(self, world_size: int) -> int:
         return exact_div(self.global_batch_size, self.micro_batch_size * world_size,
@@ -312,15 +319,20 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
+    every_minutes: float = 30.0
+    """Save a resumable checkpoint when this many minutes have passed since the last
+    one (rank 0's clock decides for all ranks); 0 turns it off. Besides `every`, and
+    besides the checkpoint written on SIGTERM or SIGUSR1 (then the run exits with code 75)."""
     every: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    """Also save one every N optimizer steps (0: by time only, and at the end)."""
     keep_last: int = 2
-    """Keep this many most recent checkpoints."""
+    """Keep this many most recent checkpoints (one more exists while the next is written)."""
     resume: str = "auto"
     """`auto` continues from the latest checkpoint in OUTPUT_DIR/checkpoints, `never`
     starts afresh (refusing to overwrite an existing run), or a checkpoint directory."""
 
     def validate(self, v: Validator) -> None:
+        v.check(self.every_minutes >= 0, "every_minutes", f"must be >= 0, got {self.every_minutes}")
         v.check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
         v.check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
         if self.resume not in ("auto", "never"):

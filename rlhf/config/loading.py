@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
 
 
 class ConfigError(ValueError):

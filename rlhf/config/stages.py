@@ -1,4 +1,4 @@
-"""One config per stage (SFT, reward model, PPO), built from the shared groups, and
+"""One config per stage (SFT, reward model, PPO, DPO), built from the shared groups, and
 `load_stage_config`, which reads, overrides and validates one before any work starts."""
 
 from __future__ import annotations
@@ -303,12 +303,119 @@ class PPOConfig(BaseStageConfig):
         return getattr(self, role).deepspeed or self.deepspeed
 
 
+@dataclass
+class DPOHParams:
+    beta: float = 0.1
+    """Strength of the implicit KL penalty to the reference (Rafailov et al. 2023); IPO's tau."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """`sigmoid`: DPO, -log sigmoid(beta h) with h the chosen minus the rejected log-ratio
+    to the reference; `ipo`: IPO (Azar et al. 2023), (h - 1 / (2 beta))^2."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (Mitchell 2023): the assumed probability that a pair's labels are
+    flipped, in [0, 0.5); sigmoid loss only. 0 is plain DPO."""
+    length_normalized: bool = False
+    """Average the log-probs over each response's tokens instead of summing them (SimPO's
+    length normalisation, Meng et al. 2024; the IPO paper's h is on such averages):
+    long responses then gain nothing from their length alone."""
+    reference: Literal["precompute", "live"] = "precompute"
+    """Where the reference log-probs come from. `precompute` (the default): one pass over
+    every train and eval pair before training, kept in OUTPUT_DIR/ref_logprobs.pt (a
+    resumed run reads it back, so it continues exactly); the reference is then freed, and
+    when it is the policy's start no second model is ever loaded: the policy scores the
+    pairs before its first step. For one epoch this is the same work as `live`, for more
+    it is less, and training holds one model instead of two. `live`: a frozen reference
+    engine beside the policy scores every micro-batch (for datasets too large to score
+    up front)."""
+    shared_prefix: bool = True
+    """Score a pair's chosen and rejected responses in one sequence `prefix + chosen suffix
+    + rejected suffix` with a mask that keeps the suffixes apart, so the tokens they share
+    (the prompt) are computed once; the log-probs are those of separate rows. Needs a model
+    family known to honour custom attention masks (as reward.shared_prefix) and sdpa or
+    eager attention; false scores chosen and rejected as separate padded rows."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy and the reference (as TRL does): the policy's log-probs
+    then equal the reference's at the start, and every step scores what it trains."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        v.check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        v.check(self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing",
+                f"applies to loss_type sigmoid only, not {self.loss_type}")
+
+
+@dataclass
+class EvalSamplingConfig:
+    prompts: int = 64
+    """Held-out prompts (those of the eval pairs, each once) answered by the policy at every
+    evaluation: logs response length and EOS rate, and on the built-in task the gold reward
+    (eval/gold_reward). 0 turns sampling off."""
+    max_new_tokens: int = 64
+    """Longest sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 turns it off."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.prompts >= 0, "prompts", f"must be >= 0, got {self.prompts}")
+        v.check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        v.check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        v.check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        v.check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class DPOConfig(BaseStageConfig):
+    """Direct preference optimisation: the policy (from SFT) trained on ranked pairs against
+    a frozen reference, with no reward model and no sampling during training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy, usually the SFT output."""
+    ref_model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen reference; none of path/arch set: the policy's starting weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dpo: DPOHParams = field(default_factory=DPOHParams)
+    eval_sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(truncation="left"))
+
+    stage = "dpo"
+
+    def validate(self, v: Validator) -> None:
+        super().validate(v)
+        v.sub("model", self.model)
+        if self.has_own_reference():
+            v.sub("ref_model", self.ref_model)
+            v.check(self.ref_model.lora.r == 0, "ref_model.lora.r", "the frozen reference takes no LoRA")
+        v.sub("optim", self.optim)
+        v.sub("dpo", self.dpo)
+        v.sub("eval_sampling", self.eval_sampling)
+        v.check(self.dpo.reference == "precompute" or self.has_own_reference() or self.model.path is not None,
+                "dpo.reference", "live scoring by the policy's start loads that model a second time, which needs "
+                "model.path (a model built from model.arch cannot be rebuilt); set ref_model or use precompute")
+        v.check(not self.data.packing or self.dpo.shared_prefix, "data.packing",
+                "packing pairs side by side in rows needs dpo.shared_prefix=true (its attention mask)")
+        if self.dpo.shared_prefix:
+            for key, m in (("model", self.model), ("ref_model", self.ref_model)):
+                v.check(m.attn_implementation in (None, "sdpa", "eager"), f"{key}.attn_implementation",
+                        f"dpo.shared_prefix needs a custom attention mask, which sdpa and eager take and "
+                        f"{m.attn_implementation} does not; use sdpa or set dpo.shared_prefix=false")
+
+    def models(self) -> dict[str, ModelConfig]:
+        return {"model": self.model, **({"ref_model": self.ref_model} if self.has_own_reference() else {})}
+
+    def has_own_reference(self) -> bool:
+        """Whether ref_model names a model (otherwise the reference is the policy's start)."""
+        return self.ref_model.path is not None or self.ref_model.arch is not None
+
+
 def load_stage_config(cls: type, path: str | os.PathLike | None, overrides: list[str] = (),
                       world_size: int | None = None) -> BaseStageConfig:
     """Load, override and validate the config of one stage.
 
     Args:
-        cls: SFTConfig, RMConfig or PPOConfig.
+        cls: SFTConfig, RMConfig, PPOConfig or DPOConfig.
         path: YAML file (single- or multi-stage); None starts from the defaults.
         overrides: `key.sub=value` strings, relative to the stage's section.
         world_size: number of ranks, when known, to check that batch sizes divide.

@@ -22,9 +22,10 @@ from rlhf.data.sources import DataError, load_rows
 
 __all__ = ["DataError", "StageData", "build_stage_data"]
 
-STAGE_INDEX = {"sft": 0, "rm": 1, "ppo": 2}
-_TOKENIZE = {"sft": tokenize_sft, "rm": tokenize_pairs, "ppo": tokenize_prompts}
-_CACHE_VERSION = 1  # bump when the tokenized layout changes
+# DPO reads the reward model's pairs (and its share of data.stage_split).
+STAGE_INDEX = {"sft": 0, "rm": 1, "ppo": 2, "dpo": 1}
+_TOKENIZE = {"sft": tokenize_sft, "rm": tokenize_pairs, "ppo": tokenize_prompts, "dpo": tokenize_pairs}
+_CACHE_VERSION = 2  # bump when the tokenized layout changes
 
 
 @dataclass
@@ -36,7 +37,7 @@ class StageData:
 
 
 def build_stage_data(stage: str, cfg: DataConfig, tokenizer, use_cache: bool = True) -> StageData:
-    """Checked, tokenized train and eval examples of `stage` (sft, rm or ppo).
+    """Checked, tokenized train and eval examples of `stage` (sft, rm, ppo or dpo).
 
     Raises DataError naming the file, line and field of the first bad row (unless
     `cfg.skip_bad_rows`), or when no usable row is left.

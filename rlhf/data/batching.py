@@ -61,11 +61,26 @@ class StepSampler:
         return [mine[i:i + self.micro] for i in range(0, per_rank, self.micro)]
 
 
-def eval_batches(num_samples: int, batch_size: int, world_size: int, rank: int) -> Iterator[list[int]]:
-    """Every evaluation sample exactly once over all ranks (rank r takes r, r + W, ...)."""
+def eval_batches(num_samples: int, batch_size: int, world_size: int,
+                 rank: int) -> Iterator[tuple[list[int], int]]:
+    """Every evaluation sample exactly once over all ranks (rank r takes r, r + W, ...),
+    in the same number of batches of the same size on every rank.
+
+    Under ZeRO-3 each forward pass is a collective (the layers' shards are gathered),
+    so a rank with one batch fewer than the others would leave them waiting forever;
+    and PPO scores a batch in chunks, so a smaller batch would make fewer passes. A
+    rank's batch is therefore filled up to rank 0's (which holds the most samples)
+    with copies of sample 0, whose results the caller leaves out.
+
+    Yields:
+        (indices, real): sample indices, of which the first `real` count.
+    """
     mine = list(range(rank, num_samples, world_size))
-    for i in range(0, len(mine), batch_size):
-        yield mine[i:i + batch_size]
+    per_rank = -(-num_samples // world_size)  # rank 0's share, the largest
+    for i in range(0, per_rank, batch_size):
+        real = mine[i:i + batch_size]
+        size = min(batch_size, per_rank - i)
+        yield real + [0] * (size - len(real)), len(real)
 
 
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:

@@ -284,7 +284,8 @@ def _chat_sft(t: _Tok, msgs: Messages, where: str) -> tuple[list[int], list[int]
 
 
 def tokenize_pairs(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[dict], Report]:
-    """Rows -> {chosen_ids, rejected_ids, margin}: whole sequences (prompt + response + EOS)."""
+    """Rows -> {chosen_ids, rejected_ids, prompt_length, margin}: whole sequences (prompt +
+    response + EOS) and the prompt's token count."""
     t = _Tok(tokenizer)
     report = Report()
     max_prompt = cfg.max_prompt_length
@@ -321,7 +322,8 @@ def tokenize_pairs(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[di
                 report.counts["responses cut from the right"] += 1
                 if c == r:
                     return "dropped: identical after truncation"
-        return {"chosen_ids": p + c, "rejected_ids": p + r, "margin": float(margin or 0.0)}
+        # prompt_length: where the responses start (DPO scores response tokens only)
+        return {"chosen_ids": p + c, "rejected_ids": p + r, "prompt_length": len(p), "margin": float(margin or 0.0)}
 
     return _each(rows, _format_getter(cfg, "rm"), cfg.skip_bad_rows, report, one), report
 

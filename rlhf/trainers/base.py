@@ -4,7 +4,9 @@
 
     1. setup      - output directory checks, tokenizer, data, models, engines
     2. resume     - the latest checkpoint, if any (models, optimizers, RNG, step)
-    3. train      - optimizer steps; each is `train_step(micro_batches)`
+    3. train      - optimizer steps; each is `train_step(micro_batches)`, then
+                    `end_step`: log, evaluate, checkpoint (every N steps, every M
+                    minutes, or on SIGTERM/SIGUSR1, after which `fit` raises Preempted)
     4. finish     - final evaluation, checkpoint, Hugging Face export to final/
 
 SFT and the reward model use `train` as it is and supply `build_models`,
@@ -18,6 +20,8 @@ import contextlib
 import gc
 import json
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,15 @@ from rlhf.models import load_tokenizer, response_stop_ids
 
 class RunDirError(ValueError):
     """The output directory holds something we must not overwrite."""
+
+
+class Preempted(Exception):
+    """The run stopped on request (SIGTERM or SIGUSR1) after a checkpoint: running the
+    same command again resumes it."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""How schedulers preempt: Kubernetes sends SIGTERM, SLURM `--signal=USR1@120` SIGUSR1."""
 
 
 @contextlib.contextmanager
@@ -60,28 +73,53 @@ class Trainer:
 
     def __init__(self, cfg: BaseStageConfig, backbone: Backbone | None = None):
         self.cfg = cfg
-        self.backbone = backbone or Backbone()
+        self.backbone = backbone or Backbone(cfg.train.collective_timeout_minutes)
         self.out = Path(cfg.output_dir)
         self.step = 0
         self.total_steps = 0
         self.engines: dict[str, Any] = {}  # name -> trainable DeepSpeed engine (checkpointed)
         self.metrics: MetricsWriter | None = None
+        self.stop_signal: int | None = None  # set by a stop signal on this rank
+        self.last_checkpoint = time.monotonic()
 
     # ================================================================== the run
 
     def fit(self) -> dict[str, float]:
-        """Run the stage to the end and return the final evaluation metrics."""
+        """Run the stage to the end and return the final evaluation metrics; raise
+        Preempted if a stop signal ended it early, with a checkpoint."""
         if self.is_finished():
             self.backbone.print(f"[{self.stage}] {self.out / 'final'} exists: this stage already finished")
             return self.final_metrics()
-        self.setup()
-        self.resume()
-        with setup_frozen():
-            self.train()
-        return self.finish()
+        with self.stop_signals():
+            self.setup()
+            self.resume()
+            with setup_frozen():
+                self.train()
+            return self.finish()
+
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """While the stage runs, a stop signal (STOP_SIGNALS) asks it to stop: the current
+        step finishes, every rank writes the checkpoint, and `fit` raises Preempted."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # Python delivers signals to the main thread only
+            return
+
+        def ask(signum, frame):
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def is_finished(self) -> bool:
-        return self.cfg.checkpoint.resume == "auto" and (self.out / "final").is_dir()
+        """A finished run of ours: final/ beside our config.yaml. A final/ without it
+        belongs to something else, and setup refuses the directory."""
+        return (self.cfg.checkpoint.resume == "auto" and (self.out / "final").is_dir()
+                and (self.out / "config.yaml").is_file())
 
     # ------------------------------------------------------------------ 1. setup
 
@@ -145,13 +183,21 @@ class Trainer:
         else:
             ckpt = Path(resume)
         if ckpt is not None:
-            state, rank_state = self.backbone.load_checkpoint(self.engines, ckpt)
+            bb = self.backbone
+            state, rank_state = bb.load_checkpoint(self.engines, ckpt)
             self.step = state["step"]
+            if state["world_size"] != bb.world_size:
+                # Another layout's per-rank RNG streams do not map onto ours: fresh ones,
+                # drawn from the step, so that sampling does not replay the run's start.
+                # (Step k's samples do not depend on the layout: see StepSampler.)
+                torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1009 + bb.rank)
             self.load_state(state, rank_state)
-            self.backbone.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}")
+            bb.print(f"[{self.stage}] resumed from {ckpt} at step {self.step}"
+                     + (f" (written by {state['world_size']} ranks)" if state["world_size"] != bb.world_size else ""))
         if self.backbone.is_main:
             self.metrics = MetricsWriter(self.out, self.step, self.cfg.logging.tensorboard, self.cfg.logging.wandb,
                                          to_dict(self.cfg))
+        self.last_checkpoint = time.monotonic()
 
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint, beyond models and optimizers (JSON)."""
@@ -185,15 +231,31 @@ class Trainer:
 
     def end_step(self, metrics: dict[str, float], bar) -> None:
         """After `self.step` has advanced: log, evaluate and checkpoint at the configured
-        intervals, and move the progress bar."""
+        intervals, move the progress bar, and stop here if a rank was asked to."""
         cfg = self.cfg
         if self.step % cfg.train.log_every == 0:
             self.log(metrics)
         if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
             self.log(self.evaluate())
-        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+        stop, due = self.agree_on_checkpoint()
+        if stop or due or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
             self.save_checkpoint()
         self.update_progress(bar, metrics)
+        if stop:
+            if bar is not None:
+                bar.close()
+            self.backbone.print(f"[{self.stage}] stopped on request after step {self.step}, with a checkpoint; "
+                                "run the same command again to resume")
+            raise Preempted(f"stopped after step {self.step}")
+
+    def agree_on_checkpoint(self) -> tuple[bool, bool]:
+        """(stop, checkpoint due), the same on every rank, from one small all-reduce per
+        step: a stop signal may have reached only some ranks, and whether
+        checkpoint.every_minutes has passed is rank 0's clock."""
+        minutes = self.cfg.checkpoint.every_minutes
+        due = self.backbone.is_main and minutes > 0 and time.monotonic() - self.last_checkpoint >= 60 * minutes
+        flags = self.backbone.all_reduce(torch.tensor([float(self.stop_signal is not None), float(due)]), "max")
+        return bool(flags[0]), bool(flags[1])
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -206,8 +268,11 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
-    def eval_index_batches(self, n: int):
-        size = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+    def eval_index_batches(self, n: int, size: int | None = None):
+        """This rank's share of `n` evaluation samples as (indices, real) batches: the
+        same number of batches, of the same sizes, on every rank (see `eval_batches`);
+        the results of the samples past `real` are padding, to be left out."""
+        size = size or self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
         return eval_batches(n, size, self.backbone.world_size, self.backbone.rank)
 
     # ------------------------------------------------------------------ 4. finish
@@ -256,6 +321,7 @@ class Trainer:
         path = self.backbone.save_checkpoint(self.engines, self.out / "checkpoints", self.step, self.state(),
                                              self.cfg.checkpoint.keep_last, self.rank_state())
         self.backbone.print(f"[{self.stage}] checkpoint {path}")
+        self.last_checkpoint = time.monotonic()
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.backbone.is_main and metrics:
@@ -295,4 +361,4 @@ def prepare_models(cfg: BaseStageConfig) -> None:
         model_dir(model_cfg)
 
 
-__all__ = ["Trainer", "RunDirError", "StageData"]
+__all__ = ["Trainer", "RunDirError", "Preempted", "StageData"]

@@ -410,14 +410,15 @@ class PPOTrainer(Trainer):
         size = cfg.rollout.micro_batch_size or self.prompts_per_rank
         sums = torch.zeros(6, dtype=torch.float64)
         with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
-            for idx in self.eval_index_batches(len(self.data.eval), size):
-                prompts = [self.data.eval[i] for i in idx]
-                exp = self.make_experience(prompts)
+            for idx, real in self.eval_index_batches(len(self.data.eval), size):
+                # Every rank samples and scores batches of the same sizes (its passes are
+                # collectives under ZeRO-3); only the first `real` rows are its own share.
+                exp = self.make_experience([self.data.eval[i] for i in idx]).select(torch.arange(real))
                 mask = exp.action_mask.float()
                 kl = masked_sum(exp.logprobs - exp.ref_logprobs, mask, dim=1)
                 gold = sum(self.gold_rewards(exp)) if self.gold_reward is not None else 0.0
                 sums += torch.tensor([exp.scores.sum().item(), kl.sum().item(), mask.sum().item(),
-                                      self.has_eos(exp).sum().item(), gold, len(prompts)], dtype=torch.float64)
+                                      self.has_eos(exp).sum().item(), gold, real], dtype=torch.float64)
         s = bb.all_reduce(sums)
         n = max(s[5].item(), 1.0)
         out = {"eval/score": s[0].item() / n, "eval/kl": s[1].item() / n, "eval/response_length": s[2].item() / n,
@@ -425,11 +426,6 @@ class PPOTrainer(Trainer):
         if self.gold_reward is not None:
             out["eval/gold_reward"] = s[4].item() / n
         return out
-
-    def eval_index_batches(self, n: int, size: int | None = None):
-        from rlhf.data.batching import eval_batches
-
-        return eval_batches(n, size or self.prompts_per_rank, self.backbone.world_size, self.backbone.rank)
 
     # ------------------------------------------------------------------ EMA, state, export
 
@@ -446,17 +442,23 @@ class PPOTrainer(Trainer):
             e.mul_(d).add_(t.to(e.dtype), alpha=1 - d)
 
     def state(self) -> dict[str, Any]:
+        # The ptx position in optimizer steps: their micro-batch count depends on the ranks.
         return {**super().state(), "kl_controller": self.kl_ctl.state_dict(),
-                "ptx_calls": getattr(self, "_ptx_calls", 0)}
+                "ptx_steps": getattr(self, "_ptx_calls", 0) // self.accumulation}
 
     def rank_state(self) -> dict[str, Any]:
         return {"ema": self.ema} if self.ema is not None else {}
 
     def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        self._ptx_calls = state.get("ptx_calls", 0)
+        self._ptx_calls = state["ptx_steps"] * self.accumulation if "ptx_steps" in state else state.get("ptx_calls", 0)
         if self.ema is not None and "ema" in rank_state:
             self.ema = [t.to(e.device) for t, e in zip(rank_state["ema"], self.ema)]
+        elif self.ema is not None:
+            # Written by another number of ranks: the EMA shards do not map onto ours, so
+            # the average restarts from the resumed weights.
+            self.ema = [t.detach().clone() for t in self.ema_tensors()]
+            self.backbone.print("[ppo] the EMA of the policy restarts from the resumed weights")
 
     def export(self, out_dir: Path) -> None:
         """final/ holds the policy; final/value/ the value model; final/ema/ the EMA policy."""

@@ -82,8 +82,12 @@ class RewardTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         self.reward.eval()
         loss_sum, correct, chosen_sum, rejected_sum, pairs = 0.0, 0, 0.0, 0.0, 0
-        for idx in self.eval_index_batches(len(self.data.eval)):
-            loss, chosen, rejected = self.compute_loss(self.collate([self.data.eval[i] for i in idx]))
+        for idx, real in self.eval_index_batches(len(self.data.eval)):
+            # Padding is only needed where a rank has no real pair left: its forward pass
+            # still runs (a collective under ZeRO-3), its result is dropped.
+            loss, chosen, rejected = self.compute_loss(self.collate([self.data.eval[i] for i in idx[:max(real, 1)]]))
+            if real == 0:
+                continue
             loss_sum += loss.item() * chosen.numel()
             correct += int((chosen > rejected).sum())
             chosen_sum += chosen.sum().item()

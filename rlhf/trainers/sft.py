@@ -89,8 +89,11 @@ class SFTTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         self.policy.eval()
         nll, count = 0.0, 0
-        for idx in self.eval_index_batches(len(self.data.eval)):
-            batch = self.collate([self.data.eval[i] for i in idx])
+        for idx, real in self.eval_index_batches(len(self.data.eval)):
+            # Padding is only needed where a rank has no real sample left: its forward pass
+            # still runs (a collective under ZeRO-3), and counts for nothing.
+            batch = self.collate([self.data.eval[i] for i in idx[:max(real, 1)]])
+            batch["loss_mask"][real:] = 0
             nll += self.compute_loss(batch, 1.0).item()
             count += int(batch["loss_mask"][:, 1:].sum())
         self.policy.train()
