@@ -204,7 +204,7 @@ def main() -> None:
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
                 beta=args.beta, warmup=10 if source is None else 1, log_every=50, seed=42, precision=args.precision,
                 ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
-    keys = ["pairs_per_s", "step_s", "first_step_s", "reference_s", "train_s", "reward_accuracy"]
+    keys = ["pairs_per_s", "step_s", "first_step_s", "steps_sum_s", "reference_s", "train_s", "reward_accuracy"]
     who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
     result = compare(__file__, spec, args.repeats, keys, who)
     if "floor" in who:
