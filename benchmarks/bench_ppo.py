@@ -228,8 +228,8 @@ def main() -> None:
                 precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["episodes_per_s", "train_s"]
     if real:
-        keys = ["step_s", "first_step_s", "steps_sum_s", "experience_s", "learn_s", "gen_s", "score_s", "episodes_per_s",
-                "train_s", "gflops", "matmul_gflops", "of_matmul"]
+        keys = ["step_s", "first_step_s", "steps_sum_s", "experience_s", "learn_s", "gen_s", "score_s",
+                "episodes_per_s", "train_s", "gflops", "matmul_gflops", "of_matmul"]
     result = compare(__file__, spec, args.repeats, keys, ("ours", "trl", "floor") if real else ("ours", "trl"))
     result["table"] = table(result, keys, "episodes_per_s")
     print(result["table"])
