@@ -105,6 +105,7 @@ def child_floor(spec: dict) -> None:
 
     cfg = ours_config(spec)
     tok, steps = stage_batches("ppo", cfg, collate_prompts, spec["steps"])
+    steps = [batch for (batch,) in steps]  # one batch of prompts per rollout
     stops = stop_token_ids(tok, spec["model"])
     f32 = torch.float32
     policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=f32)
