@@ -21,6 +21,8 @@ from rlhf.config.stages import (BaseStageConfig, PPOConfig, PPOHParams, PtxConfi
                                 RoleConfig, RolloutConfig, SFTConfig, check_batch_sizes, load_stage_config,
                                 validate)
 from rlhf.config.stages import DPOConfig, DPOHParams, EvalSamplingConfig
+from rlhf.config.stages import (GRPOConfig, GroupHParams, OnPolicyConfig, PolicyGradientHParams, ReinforceConfig,
+                                ReinforceHParams, RewardConfig, RLOOConfig)
 
 __all__ = [
     "BaseStageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "LoggingConfig",
@@ -30,3 +32,5 @@ __all__ = [
     "load_stage_config", "load_yaml", "parse_override", "resolve_stage_dict", "set_dotted", "to_dict", "validate",
 ]
 __all__ += ["DPOConfig", "DPOHParams", "EvalSamplingConfig"]
+__all__ += ["GRPOConfig", "GroupHParams", "OnPolicyConfig", "PolicyGradientHParams", "ReinforceConfig",
+            "ReinforceHParams", "RewardConfig", "RLOOConfig"]
