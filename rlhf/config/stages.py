@@ -163,7 +163,8 @@ class RewardConfig(RoleConfig):
 
     def validate(self, v: Validator) -> None:
         v.check(bool(self.sources()), "model.path",
-                "no reward source: set reward.model.path (a trained reward model), reward.function or reward.url")
+                "no reward source: set reward.model.path (a trained reward model; or model.arch), reward.function "
+                "or reward.url")
         for name in self.weights:
             v.check(name in self.sources(), f"weights.{name}",
                     f"names no reward source set here (set: {', '.join(self.sources())})")
@@ -384,9 +385,9 @@ class OnPolicyConfig(BaseStageConfig):
         super().validate(v)
         for role in self.trained_roles:
             v.sub(f"{role}.model", getattr(self, role).model)
-        if self.reward.has_model() or (self.reward.function is None and self.reward.url is None):
-            v.sub("reward.model", self.reward.model)
         v.sub("reward", self.reward)
+        if self.reward.has_model():
+            v.sub("reward.model", self.reward.model)
         if self.ref_policy.model.path is not None or self.ref_policy.model.arch is not None:
             v.sub("ref_policy.model", self.ref_policy.model)
         for role in self.trained_roles:
@@ -404,8 +405,8 @@ class OnPolicyConfig(BaseStageConfig):
                 f"{self.stage.upper()} prompts support left (keep the end) or drop, got {self.data.truncation}")
         rows = self.rollout.batch_size * self.rollout.n
         v.check(rows % self.train.global_batch_size == 0, "rollout.batch_size",
-                f"{self.rollout.batch_size} x rollout.n ({self.rollout.n}) must be a multiple of "
-                f"train.global_batch_size ({self.train.global_batch_size}, the minibatch)")
+                f"{self.rollout.batch_size}{f' x rollout.n ({self.rollout.n})' if self.rollout.n != 1 else ''} "
+                f"must be a multiple of train.global_batch_size ({self.train.global_batch_size}, the minibatch)")
         for role in ("reward", "ref_policy"):
             v.check(getattr(self, role).model.lora.r == 0, f"{role}.model.lora.r", "frozen models take no LoRA")
         v.check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
