@@ -252,3 +252,27 @@ def test_registry_drives_the_cli():
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_a_new_algorithm_is_one_small_class(tmp_path, models, prompts_with_answers, backbone):
+    """The README's example: GRPO with the group's median as its baseline."""
+    from rlhf.trainers.algorithms import GroupPolicyGradient
+    from rlhf.trainers.onpolicy import OnPolicyTrainer
+
+    class MedianBaseline(GroupPolicyGradient):
+        def compute_advantages(self, exp):
+            groups = exp.rewards.view(-1, self.cfg.rollout.n)
+            advantages = (groups - groups.median(dim=1, keepdim=True).values).view(-1)
+            return advantages[:, None] * exp.action_mask, None
+
+    class MedianGRPO(OnPolicyTrainer):
+        stage = "grpo"
+        algorithm_class = MedianBaseline
+
+    cfg = load_stage_config(GRPOConfig, None, overrides(tmp_path / "out", models, prompts_with_answers,
+                                                        f"reward.function={prompts_with_answers / 'reward.py'}:score",
+                                                        "train.max_steps=1"))
+    trainer = MedianGRPO(cfg, backbone)
+    trainer.fit()
+    row = [r for r in metrics(tmp_path / "out") if "grpo/score" in r][0]
+    assert abs(row["grpo/ratio_at_start"] - 1) < 1e-5 and (tmp_path / "out" / "final").is_dir()
