@@ -14,7 +14,8 @@ One step, as `train` reads:
 Steps 1-3 are `make_experience`; `compute_rewards`, `compute_advantages`, `learn`
 and `train_step` can each be overridden alone. Three parts are handed in and each
 can be replaced alone: the rollout engine (rlhf.rollout), the reward sources
-(rlhf.rewards) and the algorithm (`Algorithm` below; a trainer names its class).
+(rlhf.rewards) and the algorithm (`Algorithm`, rlhf/trainers/experience.py; a trainer
+names its class).
 All per-token tensors have the response's columns only (rlhf.rollout.hf).
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,95 +36,9 @@ from rlhf.models import ScalarModel, apply_lora, load_causal_lm, load_scalar_mod
 from rlhf.rewards import RewardSources
 from rlhf.rollout import HFEngine, full_sequence, generation_context, is_stop, response_logprobs, response_values
 from rlhf.trainers.base import Trainer
+from rlhf.trainers.experience import Algorithm, Experience
 
-
-@dataclass
-class Experience:
-    """One rank's share of a rollout batch. Shapes: B rows, P prompt columns, R response columns."""
-
-    prompt_ids: torch.Tensor  # (B, P) left-padded
-    prompt_mask: torch.Tensor  # (B, P)
-    response_ids: torch.Tensor  # (B, R) pad after the first EOS
-    action_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
-    logprobs: torch.Tensor  # (B, R) policy at sampling time ("old" log-probs)
-    ref_logprobs: torch.Tensor | None  # (B, R); None when the algorithm needs no reference
-    values: torch.Tensor | None  # (B, R); None without a critic
-    scores: torch.Tensor  # (B,) from the reward sources, as they gave them
-    prompts: list[str]
-    rows: list[dict] | None = None  # the prompt rows (fields, where)
-    rewards: torch.Tensor | None = None  # (B, R) per token, or (B,) per response
-    advantages: torch.Tensor | None = None  # (B, R)
-    returns: torch.Tensor | None = None  # (B, R)
-    loss_mask: torch.Tensor | None = None  # (B, R) the action tokens the loss counts; None: action_mask
-
-    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return full_sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.action_mask)
-
-    def select(self, idx: torch.Tensor) -> "Experience":
-        fields = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                fields[f.name] = v[idx.to(v.device)]
-            elif isinstance(v, list):
-                fields[f.name] = [v[i] for i in idx.tolist()]
-            else:
-                fields[f.name] = v
-        return Experience(**fields)
-
-
-class Algorithm:
-    """Rewards, advantages and losses of one on-policy method, from rlhf.losses' pure
-    functions. `trainer` gives the collectives (`global_mean_var`) and the stop ids."""
-
-    critic = False
-    """Whether a value model is trained beside the policy."""
-
-    def __init__(self, cfg: OnPolicyConfig, trainer: "OnPolicyTrainer"):
-        self.cfg, self.trainer = cfg, trainer
-        self.hp = getattr(cfg, cfg.hparams)
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.hp.kl_coef > 0
-
-    @property
-    def kl_coef(self) -> float:
-        return self.hp.kl_coef
-
-    def compute_rewards(self, exp: Experience) -> torch.Tensor:
-        raise NotImplementedError
-
-    def compute_advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
-
-    def loss_counts(self, mb: Experience) -> dict[str, torch.Tensor]:
-        """What the losses divide by, summed over a minibatch's micro-batches and ranks."""
-        return {"tokens": (mb.loss_mask if mb.loss_mask is not None else mb.action_mask).sum().float()}
-
-    def policy_loss(self, mb: Experience, logprobs: torch.Tensor, entropy: torch.Tensor | None,
-                    counts: dict[str, float], scale: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """The policy's loss on a micro-batch and its metric sums (divided by the
-        minibatch's action tokens after the sum over micro-batches and ranks). `scale`
-        is the accumulation steps x ranks that DeepSpeed divides gradients by."""
-        raise NotImplementedError
-
-    def value_loss(self, mb: Experience, values: torch.Tensor, counts: dict[str, float],
-                   scale: float) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def after_step(self, metrics: dict[str, float]) -> None:
-        """After the updates of a step (PPO's KL controller moves here)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def metrics(self, exp: Experience) -> dict[str, torch.Tensor]:
-        """Extra per-step metric sums over rows (divided by the rows of all ranks)."""
-        return {}
+__all__ = ["Algorithm", "Experience", "OnPolicyTrainer"]
 
 
 class OnPolicyTrainer(Trainer):
@@ -385,8 +299,8 @@ class OnPolicyTrainer(Trainer):
         """One optimizer step of each trained model on a minibatch. The entropy is computed
         where the loss uses it, else (for the log) on the first minibatch of a step only."""
         bb, algo = self.backbone, self.algorithm
-        counts = self.sum_over_ranks({k: sum(algo.loss_counts(mb)[k] for mb in micro_batches)
-                                      for k in algo.loss_counts(micro_batches[0])})
+        per_mb = [algo.loss_counts(mb) for mb in micro_batches]
+        counts = self.sum_over_ranks({k: sum(c[k] for c in per_mb) for k in per_mb[0]})
         scale = self.accumulation * bb.world_size
         n_tokens = counts["tokens"]
         entropy_in_loss = algo.hp.entropy_coef > 0
@@ -399,7 +313,8 @@ class OnPolicyTrainer(Trainer):
                                     with_entropy=with_entropy or entropy_in_loss, entropy_grad=entropy_in_loss)
             logprobs, entropy = out if isinstance(out, tuple) else (out, None)
             loss, stats = algo.policy_loss(mb, logprobs, entropy, counts, scale)
-            loss = loss + self.extra_policy_loss() if self.has_extra_policy_loss() else loss
+            if self.has_extra_policy_loss():
+                loss = loss + self.extra_policy_loss()
             self.policy.backward(loss)
             bb.step(self.policy)
             add(sums, stats)
