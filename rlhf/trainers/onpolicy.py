@@ -53,6 +53,7 @@ class OnPolicyTrainer(Trainer):
         self.plot_keys = [f"{s}/score", f"{s}/kl", "eval/score", "eval/gold_reward"] + self.plot_keys
         self.progress_keys = [f"{s}/score", f"{s}/kl", f"{s}/episodes_per_s"]
         self.timers: dict[str, float] = {}
+        self.entropy_logged = True
 
     # ================================================================== setup
 
@@ -281,7 +282,8 @@ class OnPolicyTrainer(Trainer):
             for k in range(self.minibatches):
                 idx = perm[k * per_rank:(k + 1) * per_rank]
                 micro_batches = [exp.select(idx[j:j + micro]) for j in range(0, per_rank, micro)]
-                stats = self.train_step(micro_batches, with_entropy=epoch == 0 and k == 0)
+                self.entropy_logged = epoch == 0 and k == 0  # a subsample for the log: see train_step
+                stats = self.train_step(micro_batches)
                 if epoch == 0 and k == 0:
                     # Nothing has been updated yet: new and old log-probs must agree.
                     totals[f"{self.stage}/ratio_at_start"] = stats[f"{self.stage}/ratio"]
@@ -295,9 +297,10 @@ class OnPolicyTrainer(Trainer):
             out["time/value_update_s"] = self.update_time["value"]
         return out
 
-    def train_step(self, micro_batches: list[Experience], with_entropy: bool = True) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Experience]) -> dict[str, float]:
         """One optimizer step of each trained model on a minibatch. The entropy is computed
-        where the loss uses it, else (for the log) on the first minibatch of a step only."""
+        where the loss uses it, else (for the log) on the first minibatch of a step only
+        (`entropy_logged`): it costs a pass over the logits."""
         bb, algo = self.backbone, self.algorithm
         per_mb = [algo.loss_counts(mb) for mb in micro_batches]
         counts = self.sum_over_ranks({k: sum(c[k] for c in per_mb) for k in per_mb[0]})
@@ -310,7 +313,8 @@ class OnPolicyTrainer(Trainer):
             input_ids, attention_mask = mb.sequences()
             P = mb.prompt_ids.shape[1]
             out = response_logprobs(self.policy, input_ids, attention_mask, P, self.cfg.rollout.temperature,
-                                    with_entropy=with_entropy or entropy_in_loss, entropy_grad=entropy_in_loss)
+                                    with_entropy=self.entropy_logged or entropy_in_loss,
+                                    entropy_grad=entropy_in_loss)
             logprobs, entropy = out if isinstance(out, tuple) else (out, None)
             loss, stats = algo.policy_loss(mb, logprobs, entropy, counts, scale)
             if self.has_extra_policy_loss():
