@@ -14,6 +14,9 @@ the report. Goals on 2 CPU cores, by config:
     python benchmarks/quickstart_seeds.py --stages sft,dpo --seeds 0 1 2 --out benchmarks/results/quickstart_seeds_dpo.json
     python benchmarks/quickstart_seeds.py --config configs/smollm2.yaml --seeds 1 2 3 \
         --out benchmarks/results/smollm2_seeds.json
+    python benchmarks/quickstart_seeds.py --stages sft,rm,grpo --seeds 0 1 2 --out benchmarks/results/quickstart_seeds_grpo.json
+    python benchmarks/quickstart_seeds.py --stages sft,grpo --seeds 0 1 2 --out benchmarks/results/quickstart_seeds_grpo_fn.json \
+        grpo.reward.function=rlhf.task:gold_rewards grpo.reward.model.path=null
 """
 
 from __future__ import annotations
@@ -36,13 +39,17 @@ def main() -> None:
     p.add_argument("--root", default=None, help="run directories (default runs/seeds for the quickstart, "
                    "runs/seeds-STEM for another config)")
     p.add_argument("--out", default=None)
-    p.add_argument("--stages", default="sft,rm,ppo", help="the pipeline's --stages: sft,rm,ppo or sft,dpo")
-    p.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
+    p.add_argument("--stages", default="sft,rm,ppo",
+                   help="the pipeline's --stages: sft,rm,ppo, sft,dpo, sft,rm,grpo (rloo, reinforce), sft,grpo")
+    p.add_argument("overrides", nargs="*", help="key=value for the pipeline, e.g. grpo.reward.function=...")
     args = p.parse_args()
     stem = Path(args.config).stem
     args.root = args.root or ("runs/seeds" if stem == "quickstart" else f"runs/seeds-{stem}")
     if args.stages == "sft,dpo":
         return dpo_seeds(args)
+    last = args.stages.split(",")[-1]
+    if last != "ppo":
+        return onpolicy_seeds(args, last)
     min_acc, min_win, max_time = GOALS.get(stem, GOALS["quickstart"])
     rows = []
     for seed in args.seeds:
@@ -62,6 +69,31 @@ def main() -> None:
         print(f"| {r['seed']} | {r['rm_accuracy']:.3f} | {r['win_rate']:.3f} | {r['gold_sft']:.3f} -> "
               f"{r['gold_ppo']:.3f} | {r['kl']:.2f} | {r['sft_perplexity']:.2f} | {r['train_time_s']:.0f} | "
               f"{'yes' if r['goals_met'] else 'NO'} |")
+    save_rows(rows, args.out)
+
+
+def onpolicy_seeds(args: argparse.Namespace, stage: str) -> None:
+    """GRPO, RLOO or REINFORCE++ after SFT (and the RM, when --stages has it): the policy's
+    win rate over SFT by gold reward >= 0.8 and a higher gold reward."""
+    rows = []
+    for seed in args.seeds:
+        out = Path(args.root) / f"seed-{seed}"
+        rep = run_pipeline(args.config, out, seed, ["--stages", args.stages, *args.overrides])
+        d = rep[stage]
+        row = {"seed": seed, "stages": args.stages, "overrides": args.overrides,
+               "rm_accuracy": rep.get("rm", {}).get("eval_accuracy"), "win_rate": d["win_rate"],
+               "gold_sft": d["gold_reward_sft"], "gold_policy": d["gold_reward_policy"], "kl": d["kl"],
+               "train_time_s": sum(rep["time_s"].values()), **{f"time_{k}": v for k, v in rep["time_s"].items()}}
+        row["goals_met"] = row["win_rate"] >= 0.8 and row["gold_policy"] > row["gold_sft"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    name = stage.upper()
+    print(f"| seed | RM acc | win rate | gold SFT -> {name} | KL | time {name} (s) | goals |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rm = f"{r['rm_accuracy']:.3f}" if r["rm_accuracy"] is not None else "-"
+        print(f"| {r['seed']} | {rm} | {r['win_rate']:.3f} | {r['gold_sft']:.3f} -> {r['gold_policy']:.3f} | "
+              f"{r['kl']:.2f} | {r[f'time_{stage}']:.0f} | {'yes' if r['goals_met'] else 'NO'} |")
     save_rows(rows, args.out)
 
 

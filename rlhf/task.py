@@ -142,6 +142,12 @@ def gold_reward(prompt: str, response: str) -> float:
     return total / len(nouns)
 
 
+def gold_rewards(prompts: list[str], responses: list[str], **fields) -> list[float]:
+    """`gold_reward` of each response, as a reward function (`reward.function:
+    rlhf.task:gold_rewards`): the task's verifiable reward, with no reward model."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+
 def best_response(prompt: str) -> str:
     """A response with the highest gold reward (1.0)."""
     return make_response(["lovely"] * len(prompt_nouns(prompt)))
