@@ -227,22 +227,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         loss, and detached stats: `clipfrac` (share of action tokens where the clipped
         branch is taken), `approx_kl` (k3 between old and new), `ratio` (mean ratio).
     """
-    mask = action_mask.float()
-    log_ratio = (logprobs - old_logprobs) * mask  # masked first: garbage at pads cannot overflow exp
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_token = torch.max(unclipped, clipped)
-    if normalizer is None:
-        normalizer = mask.sum().clamp(min=1)
-    loss = masked_sum(per_token, mask) / normalizer
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    # the symmetric case of clipped_policy_loss, a token mean: the same arithmetic
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_range, clip_range,
+                               "token_mean", normalizer)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,
