@@ -31,6 +31,13 @@ EXIT_PEER_LOST = 76
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 
 
+def run_named(stage: str, argv: list[str] | None = None) -> int:
+    """Run the stage of that name in rlhf.stages' registry."""
+    from rlhf.stages import REGISTRY
+
+    return run_stage(REGISTRY[stage].trainer_class(), REGISTRY[stage].config, argv)
+
+
 def run_stage(trainer_cls, config_cls, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"rlhf {config_cls.stage} stage")
     parser.add_argument("--config", help="YAML config (single- or multi-stage)")

@@ -122,6 +122,26 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps rank `rank`'s 66 MB shared-memory buffer
+    (ops/csrc/cpu/comm/shm.cpp: named from the uid, MASTER_ADDR, MASTER_PORT and rank)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_buffers() -> None:
+    """Remove this rank's shared-memory buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed never unlinks these files: every CPU run of several ranks on a node left
+    66 MB per rank in RAM-backed /dev/shm, a killed or preempted run too (4.4 GB after a
+    day of tests filled this machine's memory). Each rank maps every rank's buffer while
+    DeepSpeed starts; after the barrier all mappings exist, and an unlinked file lives on
+    until the last of them goes, so nothing is left behind however the ranks end."""
+    torch.distributed.barrier()
+    with contextlib.suppress(OSError):
+        shm_buffer_path(torch.distributed.get_rank()).unlink()
+
+
 def _destroy_process_group() -> None:
     if torch.distributed.is_initialized():
         with contextlib.suppress(Exception):  # a peer may be gone: nothing left to tidy
@@ -176,6 +196,8 @@ class Backbone:
             deepspeed.init_distributed(dist_backend=self.accelerator.communication_backend_name(),
                                        verbose=False, timeout=timeout)
             Backbone.timeout_minutes = timeout_minutes  # the process group's, for every Backbone
+            if self.accelerator.device_name() == "cpu":  # DeepSpeed's shared-memory all-reduce
+                _unlink_shm_buffers()
             # Destroyed while Python is whole: otherwise a gloo worker thread may drop the
             # last reference to a finished collective's tensors while the interpreter
             # finalizes, take the GIL to do so, and abort the process (exit -6) after a run
@@ -343,6 +365,11 @@ class Backbone:
         else:
             model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+        if trainable and self.world_size == 1 and not engine.zero_optimization() and ds.precision == "fp32":
+            # Nothing to reduce, yet DeepSpeed's all-reduce would copy every gradient into a
+            # flat buffer, scale it by 1 and copy it back at each optimizer step: about 6%
+            # of an SFT step of SmolLM2-135M on the CPU (benchmarks/bench_sft.py --model smollm2).
+            engine.enable_backward_allreduce = False
         if not trainable:
             engine.eval()
         return engine

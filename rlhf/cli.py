@@ -1,8 +1,8 @@
 """The `rlhf` command: one launcher for every stage, one GPU to many nodes.
 
-    rlhf sft|rm|ppo|dpo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
+    rlhf sft|rm|ppo|grpo|rloo|reinforce|dpo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
                           [--hostfile F] [--no-ssh --node-rank R --master-addr A] [--dry-run]
-    rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo | sft,dpo] [launcher flags]
+    rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo | sft,rm,grpo | sft,grpo | sft,dpo] [launcher flags]
     rlhf plan CONFIG [key=value ...] [--num-gpus N] [--num-nodes M] [--gpu-memory-gb 80]
 
 With one rank the stage runs in this process. With more, the command runs the
@@ -23,13 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlhf.config import STAGES, ConfigError, check_batch_sizes, load_stage_config
+from rlhf.config import ConfigError, check_batch_sizes, load_stage_config
 from rlhf.model_source import check_model_source
-
-def config_class(stage: str):
-    from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
-
-    return {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}[stage]
+from rlhf.stages import REGISTRY, STAGES, config_class
 
 
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
@@ -272,7 +268,9 @@ def evaluate(args: argparse.Namespace) -> int:
     examples = examples[: args.limit]
     gold = None
     if args.task_gold:
-        from rlhf.task import gold_reward as gold
+        from rlhf.task import gold_function
+
+        gold = gold_function(args.task_gold)
     result = compare_policies(args.policy, args.baseline, args.reward_model, [e["prompt"] for e in examples],
                               Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        seed=args.seed), gold=gold, prompt_ids=[e["prompt_ids"] for e in examples])
@@ -286,17 +284,16 @@ def evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF in three stages on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage, text in [("sft", "supervised fine-tuning"), ("rm", "reward model on ranked pairs"),
-                        ("ppo", "PPO against the reward model"),
-                        ("dpo", "direct preference optimisation on ranked pairs")]:
-        p = sub.add_parser(stage, help=text)
+    for stage, info in REGISTRY.items():
+        p = sub.add_parser(stage, help=info.help)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value (relative to the stage's section)")
         add_launcher_args(p)
     p = sub.add_parser("pipeline", help="SFT, then RM, then PPO, then a report")
     p.add_argument("config", help="a multi-stage config with sft:, rm: and ppo: sections")
     p.add_argument("overrides", nargs="*", help="key=value (shared) or stage.key=value")
-    p.add_argument("--stages", default="sft,rm,ppo", help="run these stages, e.g. rm,ppo or sft,dpo")
+    p.add_argument("--stages", default="sft,rm,ppo",
+                   help="run these stages in order, e.g. rm,ppo, sft,rm,grpo, sft,grpo (a function reward) or sft,dpo")
     add_launcher_args(p)
     p = sub.add_parser("plan", help="per-GPU memory of each stage of a config, before launch")
     p.add_argument("config", help="a single-stage (with --stages) or multi-stage config")
@@ -320,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", required=True)
     p.add_argument("--reward-model", required=True)
     p.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet file with a prompt per row")
-    p.add_argument("--task-gold", action="store_true", help="also judge by the built-in task's gold reward")
+    p.add_argument("--task-gold", nargs="?", const="describe", default=None, choices=["describe", "one_word"],
+                   help="also judge by a built-in task's gold reward (describe when no task is named)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)

@@ -326,22 +326,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         loss, and detached stats: `clipfrac` (share of action tokens where the clipped
         branch is taken), `approx_kl` (k3 between old and new), `ratio` (mean ratio).
     """
-    mask = action_mask.float()
-    log_ratio = (logprobs - old_logprobs) * mask  # masked first: garbage at pads cannot overflow exp
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_token = torch.max(unclipped, clipped)
-    if normalizer is None:
-        normalizer = mask.sum().clamp(min=1)
-    loss = masked_sum(per_token, mask) / normalizer
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    # the symmetric case of clipped_policy_loss, a token mean: the same arithmetic
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, action_mask, clip_range, clip_range,
+                               "token_mean", normalizer)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,
@@ -358,6 +345,133 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = 0.5 * masked_sum(torch.max(err, err_clipped), mask) / normalizer
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((err_clipped > err).float(), mask), "value_error": masked_mean(err, mask)}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- critic-free policy gradients
+#
+# GRPO (Shao et al. 2024), Dr. GRPO (Liu et al. 2025), RLOO (Ahmadian et al. 2024),
+# REINFORCE++ (Hu 2025), DAPO (Yu et al. 2025). A rollout batch holds G responses per
+# prompt, rows of one prompt consecutive: group k is rows k*G .. k*G+G-1.
+
+ADVANTAGE_METHODS = ("grpo", "dr_grpo", "rloo")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_norm")
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo") -> torch.Tensor:
+    """One advantage per response from the scores of its group, `(B,) -> (B,)`, B = groups x G.
+
+    - `grpo`: `(r - mean_g) / (std_g + 1e-4)`, std unbiased (torch's default; a group of
+      one has std 0 here, not NaN);
+    - `dr_grpo`: `r - mean_g` (no division by the std: Dr. GRPO's fix of its bias);
+    - `rloo`: `r_i - mean of the other G-1 scores` (leave-one-out baseline), which is
+      `G / (G - 1) * (r_i - mean_g)`; needs G >= 2.
+    """
+    if scores.shape[0] % group_size != 0:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    r = scores.to(torch.promote_types(scores.dtype, torch.float32)).view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    if method == "grpo":
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        adv = (r - mean) / (std + 1e-4)
+    elif method == "dr_grpo":
+        adv = r - mean
+    elif method == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 responses per prompt")
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown advantage method {method!r}; choose one of {', '.join(ADVANTAGE_METHODS)}")
+    return adv.view(-1)
+
+
+def groups_all_equal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`(B,)` bool: the rows of groups whose scores are all equal (no learning signal
+    for a group baseline; DAPO's dynamic sampling leaves them out)."""
+    r = scores.view(-1, group_size)
+    same = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return same.expand_as(r).reshape(-1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment `(B,) -> (B,)`, added to the scores: 0 up to
+    `max_length - buffer` tokens, then falling linearly to `-factor` at `max_length`
+    (and `-factor` beyond it)."""
+    start = max_length - buffer
+    over = (lengths.float() - start).clamp(min=0) / max(buffer, 1)
+    return -factor * over.clamp(max=1.0)
+
+
+def reinforce_returns(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Returns `(B, R)` as the reverse cumulative sum of per-token rewards (gamma 1):
+    `G_t = sum_{s >= t} r_s` over action tokens; 0 outside the mask."""
+    mask = action_mask.to(rewards.dtype)
+    r = rewards * mask
+    return (r.flip(1).cumsum(1).flip(1)) * mask
+
+
+def aggregate_loss(per_token: torch.Tensor, action_mask: torch.Tensor, aggregation: str,
+                   normalizer: Number | None = None, max_length: int | None = None) -> torch.Tensor:
+    """A scalar loss from per-token losses `(B, R)`, as each paper averages:
+
+    - `token_mean` (DAPO): sum over all action tokens / their count;
+    - `seq_mean_token_mean` (GRPO paper): each response's token mean, then the mean
+      over responses;
+    - `seq_sum_norm` (Dr. GRPO): sum over all action tokens / (responses x max_length),
+      a constant per response, so long and short responses weigh their tokens alike.
+
+    `normalizer` replaces the count of this batch (action tokens for token_mean,
+    responses for the others), so a trainer can divide by the count of the whole global
+    minibatch; rows with an empty mask count as no response only through it.
+    """
+    mask = action_mask.to(per_token.dtype)
+    if aggregation == "token_mean":
+        total = masked_sum(per_token, mask)
+        count = mask.sum()
+    elif aggregation == "seq_mean_token_mean":
+        total = (masked_sum(per_token, mask, dim=1) / mask.sum(1).clamp(min=1)).sum()
+        count = (mask.sum(1) > 0).sum()
+    elif aggregation == "seq_sum_norm":
+        if max_length is None:
+            raise ValueError("seq_sum_norm needs max_length")
+        total = masked_sum(per_token, mask) / max_length
+        count = (mask.sum(1) > 0).sum()
+    else:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+    if normalizer is None:
+        normalizer = count.clamp(min=1)
+    return total / normalizer
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        action_mask: torch.Tensor, clip_low: float, clip_high: float, aggregation: str = "token_mean",
+                        normalizer: Number | None = None,
+                        max_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate with an asymmetric range (DAPO's clip-higher): per token
+    `max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`, aggregated by `aggregate_loss`.
+
+    Args:
+        logprobs, old_logprobs, advantages, action_mask: `(B, R)` (advantages may be
+            `(B, 1)` for one value per response).
+        clip_low, clip_high: the ratio is clipped to `[1 - clip_low, 1 + clip_high]`.
+        aggregation, normalizer, max_length: see `aggregate_loss`.
+
+    Returns:
+        loss, and detached token means: `clipfrac`, `approx_kl` (k3, old vs new), `ratio`.
+    """
+    mask = action_mask.float()
+    log_ratio = (logprobs - old_logprobs) * mask  # masked first: garbage at pads cannot overflow exp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.max(unclipped, clipped)
+    loss = aggregate_loss(per_token, mask, aggregation, normalizer, max_length)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
     return loss, stats
 
 

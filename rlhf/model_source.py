@@ -33,9 +33,9 @@ def gguf_location(cfg: ModelConfig) -> tuple[str, str] | None:
     if cfg.path is None:
         return None
     if cfg.gguf_file is not None:
-        return cfg.path, cfg.gguf_file
+        return (str(Path(cfg.path).expanduser()) if looks_local(cfg.path) else cfg.path), cfg.gguf_file
     if cfg.path.endswith(".gguf"):
-        p = Path(cfg.path)
+        p = Path(cfg.path).expanduser()  # configs name ~/.cache/rlhf/downloads/...
         return str(p.parent), p.name
     return None
 

@@ -228,7 +228,9 @@ def scalar_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     hf = unwrap(model)
     body = getattr(hf, hf.base_model_prefix, None)
     head = getattr(hf, "score", None) or getattr(hf, "classifier", None)
-    if body is None or not isinstance(head, nn.Linear):
+    # With LoRA, PEFT wraps the head in a ModulesToSaveWrapper that calls its trainable copy.
+    linear = getattr(head, "original_module", head)
+    if body is None or not isinstance(linear, nn.Linear):
         raise ValueError(f"{type(hf).__name__} has no transformer body + linear `score` head; "
                          "reward and value models need an AutoModelForSequenceClassification of that shape")
     return body, head

@@ -1,10 +1,11 @@
 """`rlhf pipeline`: SFT, then the reward model, then PPO, each from the previous output,
-then a report of what RLHF did. `--stages sft,dpo` runs SFT, then DPO from it.
+then a report of what RLHF did. `--stages` runs any chain: `sft,rm,grpo` (or rloo,
+reinforce), `sft,grpo` with a reward function, `sft,dpo`.
 
 Layout under the run's root (`output_dir`):
 
     pipeline.yaml      the multi-stage config as run (file + overrides)
-    sft/ rm/ ppo/ dpo/ one directory per stage (final/, checkpoints/, metrics.jsonl, ...)
+    sft/ rm/ ppo/ ...  one directory per stage (final/, checkpoints/, metrics.jsonl, ...)
     timings.json       wall time of each stage
     report.md, report.json, report.png
 
@@ -23,22 +24,27 @@ from typing import Any
 
 import yaml
 
-from rlhf.config import (STAGES, ConfigError, from_dict, load_yaml, parse_override, resolve_stage_dict, set_dotted,
-                         validate)
+from rlhf.config import ConfigError, from_dict, load_yaml, parse_override, resolve_stage_dict, set_dotted, validate
+from rlhf.stages import ON_POLICY, STAGES, config_class
 
 
 def chain_defaults(data: dict[str, Any], root: str) -> list[str]:
     """Point each stage at the previous stage's output where the config leaves it open:
-    the RM and the PPO and DPO policies start from SFT, the PPO value and reward models
-    from the RM.
+    the RM, DPO and every on-policy stage's policy start from SFT; PPO's value model and
+    the on-policy stages' reward model come from the RM (unless a stage is scored by a
+    reward function or server).
     Returns what was filled in, to be printed."""
     filled = []
-    wanted = [("rm", ("model",), "sft"), ("ppo", ("policy", "model"), "sft"), ("ppo", ("value", "model"), "rm"),
-              ("ppo", ("reward", "model"), "rm"), ("dpo", ("model",), "sft")]
+    wanted = [("rm", ("model",), "sft"), ("ppo", ("value", "model"), "rm"), ("dpo", ("model",), "sft")]
+    for stage in ON_POLICY:
+        wanted += [(stage, ("policy", "model"), "sft"), (stage, ("reward", "model"), "rm")]
     for stage, path, source in wanted:
         section = data.get(stage)
         if not isinstance(section, dict):
             continue
+        reward = section.get("reward") or {}
+        if path[0] == "reward" and (reward.get("function") is not None or reward.get("url") is not None):
+            continue  # scored by a function or a server: a reward model only where the config names one
         node = section
         for p in path:
             node = node.setdefault(p, {})
@@ -51,8 +57,6 @@ def chain_defaults(data: dict[str, Any], root: str) -> list[str]:
 def load_pipeline(config: str, overrides: list[str], world_size: int, stages: list[str] = ("sft", "rm", "ppo")):
     """The multi-stage dict with overrides applied, and the validated config of every stage
     it has a section for (checked against `world_size` for the `stages` that will run)."""
-    from rlhf.cli import config_class
-
     data, where = load_yaml(config)
     for text in overrides:
         key, value = parse_override(text)

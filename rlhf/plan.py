@@ -82,9 +82,8 @@ def load_configs(path: str, overrides: list[str], stages: list[str] | None, worl
     """The validated config of each stage to plan. A multi-stage file gives every stage
     it has a section for (overrides as `rlhf pipeline` takes them); a single-stage file
     needs `stages` to say which stage it is."""
-    from rlhf.cli import config_class
-    from rlhf.config.loading import STAGES
     from rlhf.pipeline import chain_defaults
+    from rlhf.stages import STAGES, config_class
 
     data, where = load_yaml(path)
     multi = is_multi_stage(data)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import STAGES
+from rlhf.stages import ON_POLICY, STAGES
 from rlhf.evaluate import Sampling, compare_policies
 from rlhf.metrics import read_metrics
 from rlhf.model_source import model_dir
@@ -31,7 +31,7 @@ def finished(cfgs: dict[str, Any], stage: str) -> bool:
 
 
 def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    """One section per finished stage (sft, rm, ppo, dpo), their times, PPO's samples."""
+    """One section per finished stage (sft, rm, the on-policy stages, dpo), their times, samples."""
     rep: dict[str, Any] = {}
     if finished(cfgs, "sft"):
         sft = final_metrics(cfgs["sft"])
@@ -40,8 +40,13 @@ def build_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) ->
         rm = final_metrics(cfgs["rm"])
         rep["rm"] = {"eval_accuracy": rm.get("eval/accuracy"), "eval_margin": rm.get("eval/margin")}
     samples = None
-    if finished(cfgs, "ppo"):
-        rep["ppo"], samples = ppo_section(cfgs["ppo"])
+    for stage in ON_POLICY:
+        if finished(cfgs, stage):
+            rep[stage], stage_samples = onpolicy_section(cfgs[stage])
+            if stage == "ppo":
+                samples = stage_samples  # at the top level, as before the other on-policy stages
+            else:
+                rep[stage]["samples"] = stage_samples
     if finished(cfgs, "dpo"):
         rep["dpo"] = dpo_section(cfgs["dpo"])
     rep["time_s"] = {s: round(timings.get(s, 0.0), 1) for s in STAGES if s in rep}
@@ -57,30 +62,38 @@ def final_metrics(cfg) -> dict[str, Any]:
 def task_gold(cfg):
     if cfg.task is None:
         return None
-    from rlhf.task import gold_reward
+    from rlhf.task import gold_function
 
-    return gold_reward
+    return gold_function(cfg.task)
 
 
-def ppo_section(ppo_cfg) -> tuple[dict[str, Any], list[dict]]:
-    r = ppo_cfg.rollout
-    texts, ids = held_out_prompts(ppo_cfg)
+def onpolicy_section(cfg) -> tuple[dict[str, Any], list[dict]]:
+    """An on-policy stage's policy against its start (the SFT policy) on the held-out
+    prompts: gold reward (built-in task), win rate, KL, and the reward model's scores
+    when the stage had one. PPO's section keeps its older names too (`gold_reward_ppo`,
+    `rm_score_ppo`)."""
+    r = cfg.rollout
+    texts, ids = held_out_prompts(cfg)
     sampling = Sampling(max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
-                        top_k=r.top_k, top_p=r.top_p, seed=ppo_cfg.seed)
-    cmp = compare_policies(Path(ppo_cfg.output_dir) / "final", model_dir(ppo_cfg.policy.model),
-                           model_dir(ppo_cfg.reward.model), texts, sampling, gold=task_gold(ppo_cfg), prompt_ids=ids)
-    return {
+                        top_k=r.top_k, top_p=r.top_p, seed=cfg.seed)
+    reward_dir = model_dir(cfg.reward.model) if cfg.reward.has_model() else None
+    cmp = compare_policies(Path(cfg.output_dir) / "final", model_dir(cfg.policy.model), reward_dir, texts, sampling,
+                           gold=task_gold(cfg), prompt_ids=ids)
+    section = {
         "prompts": cmp["prompts"],
         "gold_reward_sft": cmp.get("gold_baseline"),
-        "gold_reward_ppo": cmp.get("gold_policy"),
-        "rm_score_sft": cmp["score_baseline"],
-        "rm_score_ppo": cmp["score_policy"],
+        "gold_reward_policy": cmp.get("gold_policy"),
+        "rm_score_sft": cmp.get("score_baseline"),
+        "rm_score_policy": cmp.get("score_policy"),
         "win_rate": cmp.get("win_rate"),
-        "win_rate_rm": cmp["win_rate_score"],
+        "win_rate_rm": cmp.get("win_rate_score"),
         "kl": cmp["kl"],
         "response_length": cmp["response_length_policy"],
         "eos_rate": cmp["eos_rate_policy"],
-    }, cmp["samples"]
+    }
+    if cfg.stage == "ppo":
+        section.update(gold_reward_ppo=section["gold_reward_policy"], rm_score_ppo=section["rm_score_policy"])
+    return section, cmp["samples"]
 
 
 def dpo_section(dpo_cfg) -> dict[str, Any]:
@@ -135,6 +148,14 @@ def report_table(rep: dict[str, Any]) -> str:
             ("PPO win rate over SFT (RM)", p["win_rate_rm"]),
             ("KL(PPO || SFT) per response", p["kl"]),
         ]
+    for stage in ON_POLICY:
+        if stage == "ppo" or stage not in rep:
+            continue
+        p, name = rep[stage], stage.upper()
+        rows += [(f"{name}: gold reward of SFT policy", p["gold_reward_sft"]),
+                 (f"{name}: gold reward of {name} policy", p["gold_reward_policy"]),
+                 (f"{name} win rate over SFT (gold)", p["win_rate"]),
+                 (f"KL({name} || SFT) per response", p["kl"])]
     if "dpo" in rep:
         d = rep["dpo"]
         rows += [
@@ -163,6 +184,8 @@ def plot_report(root: Path, cfgs: dict[str, Any], out_png: Path) -> None:
               ("ppo", ["ppo/score", "eval/score"], "PPO: reward-model score"),
               ("ppo", ["ppo/gold_reward", "eval/gold_reward"], "PPO: gold reward"),
               ("ppo", ["ppo/kl", "eval/kl"], "PPO: KL to the reference"),
+              *[(s, [f"{s}/gold_reward", "eval/gold_reward"], f"{s.upper()}: gold reward") for s in ON_POLICY
+                if s != "ppo"],
               ("dpo", ["train/reward_accuracy", "eval/reward_accuracy"], "DPO: reward accuracy"),
               ("dpo", ["eval/gold_reward"], "DPO: gold reward")]
     panels = [p for p in panels if finished(cfgs, p[0])]
@@ -187,7 +210,9 @@ def write_report(root: Path, cfgs: dict[str, Any], timings: dict[str, float]) ->
     table = report_table(rep)
     (root / "report.json").write_text(json.dumps(rep, indent=1))
     text = f"# RLHF pipeline report: {root}\n\n{table}\n\n"
-    for stage, samples in (("ppo", rep.get("samples")), ("dpo", rep.get("dpo", {}).get("samples"))):
+    shown = [("ppo", rep.get("samples"))] + [(s, rep.get(s, {}).get("samples")) for s in (*ON_POLICY, "dpo")
+                                             if s != "ppo"]
+    for stage, samples in shown:
         if samples is not None:
             lines = "\n".join(f"- prompt: {s['prompt'].strip()!r}\n  - SFT: {s['baseline']!r}\n  - "
                               f"{stage.upper()}: {s['policy']!r}" for s in samples)

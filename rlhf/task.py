@@ -1,4 +1,9 @@
-"""The built-in task: "describe things nicely", with a programmatic gold reward.
+"""The built-in tasks, and the quickstart's: "describe things nicely", with a programmatic gold reward.
+
+`TaskConfig.name` picks the task: `describe` (this module, the quickstart's: plain-text
+prompts and a tokenizer trained offline, for tiny models) or `one_word`
+(rlhf/task_one_word.py: chat prompts for a real instruct model, with its own tokenizer).
+`materialize` writes the chosen task's files, `gold_function` returns its gold reward.
 
 It lets the quickstart prove that RLHF works, with no download, on a laptop CPU:
 
@@ -34,6 +39,7 @@ import re
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Literal
 
 NOUNS = ["apple", "river", "stone", "garden", "house", "cloud", "forest", "bridge", "candle", "mountain",
          "window", "road", "ocean", "letter", "clock", "flower", "street", "kitten", "song", "city", "boat",
@@ -53,6 +59,10 @@ _SPLIT = re.compile(r", | and ")
 
 @dataclass
 class TaskConfig:
+    name: Literal["describe", "one_word"] = "describe"
+    """Which built-in task: `describe` (the quickstart's, rlhf/task.py: plain-text prompts,
+    a tokenizer trained offline into dir/tokenizer) or `one_word` (rlhf/task_one_word.py:
+    chat prompts for a real instruct model, which keeps its own tokenizer)."""
     dir: str = "runs/task"
     """Where the data files and the tokenizer are written (generated once, then reused)."""
     seed: int = 0
@@ -76,7 +86,11 @@ class TaskConfig:
     corruption: float = 0.3
     """Probability that a pair response is corrupted (an adjective dropped, added, repeated, or a noun)."""
     vocab_size: int = 512
-    """Tokenizer vocabulary (byte-level BPE): large enough that every task word is one token."""
+    """`describe` only: tokenizer vocabulary (byte-level BPE), large enough that every task
+    word is one token."""
+    system_prompt: str | None = "Be brief."
+    """`one_word` only: the system message of every prompt; null leaves it to the chat
+    template, which may insert a default one (SmolLM2's costs about 20 tokens a row)."""
 
     def validate(self, v) -> None:
         for name in ("num_sft", "num_pairs", "num_prompts", "num_sft_eval", "num_pairs_eval", "num_prompts_eval"):
@@ -126,6 +140,12 @@ def gold_reward(prompt: str, response: str) -> float:
         if item is not None and (i >= len(nouns) or not known):
             total += EXTRA
     return total / len(nouns)
+
+
+def gold_rewards(prompts: list[str], responses: list[str], **fields) -> list[float]:
+    """`gold_reward` of each response, as a reward function (`reward.function:
+    rlhf.task:gold_rewards`): the task's verifiable reward, with no reward model."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
 def best_response(prompt: str) -> str:
@@ -215,8 +235,20 @@ def make_prompt_rows(n: int, rng: random.Random, held_out: bool = False) -> list
 # --------------------------------------------------------------------------- files
 
 
+def task_rows(cfg: TaskConfig, rng: random.Random) -> dict[str, list[dict]]:
+    """Every split of the `describe` task, drawn from `rng` in a fixed order."""
+    return {
+        "sft_train": make_sft_rows(cfg.num_sft, rng),
+        "sft_eval": make_sft_rows(cfg.num_sft_eval, rng, held_out=True),
+        "pairs_train": make_pair_rows(cfg.num_pairs, rng, cfg.label_noise, cfg.min_gap, cfg.corruption),
+        "pairs_eval": make_pair_rows(cfg.num_pairs_eval, rng, 0.0, cfg.min_gap, cfg.corruption, held_out=True),
+        "prompts_train": make_prompt_rows(cfg.num_prompts, rng),
+        "prompts_eval": make_prompt_rows(cfg.num_prompts_eval, rng, held_out=True),
+    }
+
+
 def write_task_data(out_dir: str | Path, cfg: TaskConfig) -> dict[str, Path]:
-    """Write the task's JSONL files (once: a second call with the same config reuses them)."""
+    """Write the chosen task's JSONL files (once: a second call with the same config reuses them)."""
     out = Path(out_dir)
     files = {name: out / f"{name}.jsonl" for name in
              ("sft_train", "sft_eval", "pairs_train", "pairs_eval", "prompts_train", "prompts_eval")}
@@ -225,14 +257,12 @@ def write_task_data(out_dir: str | Path, cfg: TaskConfig) -> dict[str, Path]:
     if stamp.exists() and stamp.read_text() == key and all(p.exists() for p in files.values()):
         return files
     rng = random.Random(cfg.seed)  # one stream, fixed order of draws: same seed, same files
-    contents = {
-        "sft_train": make_sft_rows(cfg.num_sft, rng),
-        "sft_eval": make_sft_rows(cfg.num_sft_eval, rng, held_out=True),
-        "pairs_train": make_pair_rows(cfg.num_pairs, rng, cfg.label_noise, cfg.min_gap, cfg.corruption),
-        "pairs_eval": make_pair_rows(cfg.num_pairs_eval, rng, 0.0, cfg.min_gap, cfg.corruption, held_out=True),
-        "prompts_train": make_prompt_rows(cfg.num_prompts, rng),
-        "prompts_eval": make_prompt_rows(cfg.num_prompts_eval, rng, held_out=True),
-    }
+    if cfg.name == "one_word":
+        from rlhf import task_one_word
+
+        contents = task_one_word.task_rows(cfg, rng)
+    else:
+        contents = task_rows(cfg, rng)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in contents.items():
         tmp = files[name].with_suffix(".tmp")
@@ -275,6 +305,16 @@ def build_tokenizer(out_dir: str | Path, cfg: TaskConfig):
 
 
 def materialize(cfg: TaskConfig) -> None:
-    """Write the task's data and tokenizer into cfg.dir (idempotent)."""
+    """Write the task's data (and the `describe` task's tokenizer) into cfg.dir (idempotent)."""
     write_task_data(cfg.dir, cfg)
-    build_tokenizer(Path(cfg.dir) / "tokenizer", cfg)
+    if cfg.name == "describe":
+        build_tokenizer(Path(cfg.dir) / "tokenizer", cfg)
+
+
+def gold_function(cfg: TaskConfig | str) -> Callable[[str, str], float]:
+    """The gold reward `(prompt, response) -> float` of a task (a config or its name)."""
+    if (cfg if isinstance(cfg, str) else cfg.name) == "one_word":
+        from rlhf.task_one_word import gold_reward as one_word_gold
+
+        return one_word_gold
+    return gold_reward

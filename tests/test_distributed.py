@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,11 +50,14 @@ def two_rank_runs(tmp_path_factory, tokenizer_dir):
 
 def run_two_ranks(stage, out, zero_stages, overrides):
     """Run `stage` on 2 CPU ranks once per ZeRO stage (tests/dist_run.py)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            str(ROOT / "tests" / "dist_run.py"), stage, str(out), ",".join(zero_stages), *overrides]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     # Check the marker, not only the exit code (see dist_run.py).
     assert "DIST_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's shared-memory all-reduce buffers (66 MB a rank, in RAM) are not left behind
+    assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
     return proc.stdout
 
 

@@ -100,6 +100,19 @@ def test_lora_is_merged_on_export(tokenizer, tmp_path):
         assert torch.allclose(loaded(input_ids=x).logits, ref, atol=1e-5)
 
 
+def test_value_model_with_lora_trains_adapters_and_its_head(tokenizer):
+    """PPO's value model with `value.model.lora.r`: PEFT wraps the score head in a
+    trainable copy; ScalarModel reads through it, and gradients reach adapters and head."""
+    torch.manual_seed(0)
+    model = ScalarModel(apply_lora(load_scalar_model(model_cfg("llama"), tokenizer), LoraConfig(r=4), "SEQ_CLS"))
+    x = torch.tensor([[5, 6, 7, 8]])
+    model(x, torch.ones_like(x)).sum().backward()
+    # (lora_B starts at zero, so only lora_B and the head have a gradient at the first step)
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("score.modules_to_save" in n for n in trained) and any("lora_B" in n for n in trained)
+    assert not any("lora" not in n and "score" not in n for n in trained)  # the body stays frozen
+
+
 def test_pad_token_is_added_distinct_from_eos(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

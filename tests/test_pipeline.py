@@ -153,11 +153,27 @@ def test_sft_then_dpo_reaches_its_goal(run):
     assert json.loads((root / "report.json").read_text())["time_s"]["dpo"] > 0
 
 
+def test_sft_then_grpo_on_a_reward_function(run):
+    """`--stages sft,grpo` with the task's gold reward as a reward function: no reward
+    model is loaded or filled in, and GRPO's gold reward rises above SFT's."""
+    root, _, _ = run
+    proc = rlhf("pipeline", CONFIG, f"output_dir={root}", "logging.progress_bar=false", "--stages", "sft,grpo",
+                "grpo.reward.function=rlhf.task:gold_rewards", "grpo.reward.model.path=null",
+                "grpo.train.max_steps=30", "grpo.train.eval_every=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "grpo.reward.model.path" not in proc.stdout  # not filled in from the RM
+    g = json.loads((root / "report.json").read_text())["grpo"]
+    assert g["rm_score_policy"] is None and g["gold_reward_policy"] > g["gold_reward_sft"] + 0.2, g
+    rows = [json.loads(x) for x in (root / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("time/reward_function_s" in r for r in rows)
+
+
 def test_a_pipeline_without_rm_and_ppo_sections_runs_sft_and_dpo(tmp_path):
     import yaml
 
     data = yaml.safe_load(open(CONFIG))
-    del data["rm"], data["ppo"]
+    for stage in ("rm", "ppo", "grpo", "rloo", "reinforce"):
+        del data[stage]
     config = tmp_path / "sft_dpo.yaml"
     config.write_text(yaml.safe_dump(data))
     proc = rlhf("pipeline", config, f"output_dir={tmp_path / 'run'}", "--stages", "sft,dpo", "--dry-run", timeout=120)

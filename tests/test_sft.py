@@ -231,3 +231,22 @@ def test_grad_norm_is_the_real_norm_at_zero0(tmp_path, sft_data, tokenizer_dir, 
         norms[z] = [r["train/grad_norm"] for r in rows if "train/grad_norm" in r]
     assert all(math.isfinite(n) and n > 0 for n in norms[0])
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_one_rank_skips_the_gradient_all_reduce_and_changes_nothing(tmp_path, sft_data, tokenizer_dir, backbone):
+    """One rank at ZeRO-0: the engines skip DeepSpeed's gradient all-reduce (a copy of
+    every gradient into a flat buffer and back); losses and weights are bit for bit those
+    of a run with it, gradient accumulation included."""
+    runs = {}
+    for allreduce in (False, True):
+        trainer = SFTTrainer(make_cfg(tmp_path / str(allreduce), sft_data, tokenizer_dir,
+                                      "train.micro_batch_size=2", "train.max_steps=3"), backbone)
+        trainer.setup()
+        assert trainer.policy.enable_backward_allreduce is False
+        trainer.policy.enable_backward_allreduce = allreduce
+        trainer.resume()
+        trainer.train()
+        runs[allreduce] = (trainer.finish(), weights(trainer), losses(tmp_path / str(allreduce) / "out"))
+    (m0, w0, l0), (m1, w1, l1) = runs[False], runs[True]
+    assert len(l0) == 3 and l0 == l1 and m0 == m1
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)

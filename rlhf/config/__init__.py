@@ -1,10 +1,12 @@
 """Typed configs for every stage: YAML in, dotted overrides on top, validated before work.
 
-One dataclass tree per stage (``SFTConfig``, ``RMConfig``, ``PPOConfig``, ``DPOConfig``) built
-from shared groups. Help text lives once, in the docstring under each field.
+One dataclass tree per stage (``SFTConfig``, ``RMConfig``, ``PPOConfig``, ``GRPOConfig``,
+``RLOOConfig``, ``ReinforceConfig``, ``DPOConfig``) built from shared groups. Help text
+lives once, in the docstring under each field.
 
 A config file is either a single stage (its top-level keys are the stage's
-fields) or a multi-stage file with ``sft:``, ``rm:``, ``ppo:`` and ``dpo:`` sections:
+fields; a stage's own hyperparameter group such as PPO's ``ppo:`` is no section) or a
+multi-stage file with ``sft:``, ``rm:``, ``ppo:``, ``grpo:``, ... and ``dpo:`` sections:
 top-level keys outside those sections are shared defaults for every stage,
 ``output_dir`` at the top is the root and each stage writes to
 ``<root>/<stage>`` unless its section says otherwise, and string values may
@@ -21,6 +23,8 @@ from rlhf.config.stages import (BaseStageConfig, PPOConfig, PPOHParams, PtxConfi
                                 RoleConfig, RolloutConfig, SFTConfig, check_batch_sizes, load_stage_config,
                                 validate)
 from rlhf.config.stages import DPOConfig, DPOHParams, EvalSamplingConfig
+from rlhf.config.stages import (GRPOConfig, GroupHParams, OnPolicyConfig, PolicyGradientHParams, ReinforceConfig,
+                                ReinforceHParams, RewardConfig, RLOOConfig)
 
 __all__ = [
     "BaseStageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "LoggingConfig",
@@ -30,3 +34,5 @@ __all__ = [
     "load_stage_config", "load_yaml", "parse_override", "resolve_stage_dict", "set_dotted", "to_dict", "validate",
 ]
 __all__ += ["DPOConfig", "DPOHParams", "EvalSamplingConfig"]
+__all__ += ["GRPOConfig", "GroupHParams", "OnPolicyConfig", "PolicyGradientHParams", "ReinforceConfig",
+            "ReinforceHParams", "RewardConfig", "RLOOConfig"]

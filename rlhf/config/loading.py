@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("sft", "rm", "ppo", "dpo")
+STAGES = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce", "dpo")
+"""The section names of a multi-stage file: the stages of rlhf.stages.STAGES, in pipeline order."""
 
 
 class ConfigError(ValueError):
@@ -258,19 +259,42 @@ def _interpolate(data: Any, root: str) -> Any:
     return data
 
 
-def is_multi_stage(data: dict[str, Any]) -> bool:
-    return any(s in data for s in STAGES)
+def is_multi_stage(data: dict[str, Any], cls: type | None = None) -> bool:
+    """Whether a file holds stage sections (`sft:`, `ppo:`, ...) rather than one stage's fields.
+
+    A stage's own hyperparameter group can share a stage's name (PPOConfig's `ppo:`), so
+    when the stage being loaded (`cls`) is known, a top-level stage key counts as a
+    section only if it is no field of `cls`, or if it holds a key its field's group does
+    not have (a stage-level key such as `policy:`).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    for s in STAGES:
+        if s not in data:
+            continue
+        if s not in fields:
+            return True
+        group = hints[s]
+        value = data[s]
+        if isinstance(value, dict) and dataclasses.is_dataclass(group):
+            own = {f.name for f in dataclasses.fields(group)}
+            if any(k not in own for k in value):
+                return True
+    return False
 
 
 def resolve_stage_dict(
-    data: dict[str, Any], where: dict[str, str], stage: str, overrides: list[str] = (), source: str = "config"
+    data: dict[str, Any], where: dict[str, str], stage: str, overrides: list[str] = (), source: str = "config",
+    cls: type | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The plain dict for one stage of a (multi- or single-stage) config, with overrides.
 
+    `cls`, the stage's config class, tells a single-stage file's hyperparameter group
+    (`ppo:` of PPOConfig) from a section (see `is_multi_stage`).
     Returns the dict and the provenance map re-keyed to the stage's own keys.
     """
     data = dict(data)
-    if is_multi_stage(data):
+    if is_multi_stage(data, cls):
         if stage not in data:
             raise ConfigError(f"{source} has no `{stage}:` section (it has: "
                               f"{', '.join(s for s in STAGES if s in data)})")

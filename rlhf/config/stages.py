@@ -47,7 +47,7 @@ class BaseStageConfig:
         v.sub("tokenizer", self.tokenizer)
         v.sub("train", self.train)
         v.sub("deepspeed", self.deepspeed)
-        if not isinstance(self, PPOConfig):  # PPO checks each trained role instead
+        if not isinstance(self, OnPolicyConfig):  # on-policy stages check each trained role instead
             self.deepspeed.validate_trainable(Validator(v.where, v.key("deepspeed")))
         v.sub("checkpoint", self.checkpoint)
         v.sub("logging", self.logging)
@@ -133,9 +133,59 @@ class RoleConfig:
 
 
 @dataclass
+class RewardConfig(RoleConfig):
+    """Where scores come from: a trained reward model (`model`), a Python function, a
+    reward server, or the weighted sum of those that are set (see rlhf/rewards.py)."""
+
+    function: str | None = None
+    """`module:function` or `path/to/file.py:function`, called as
+    `fn(prompts=[...], responses=[...], **fields)` with the rows' other fields as lists
+    (e.g. `answer=[...]`); returns one float per response."""
+    url: str | None = None
+    """A reward server: POST {"prompts": [...], "responses": [...], plus the rows' other
+    fields} as JSON, answered with {"scores": [...]}."""
+    url_batch_size: int = 64
+    """Responses per request to the reward server."""
+    timeout_s: float = 60.0
+    """Seconds to wait for one answer of the reward server."""
+    retries: int = 3
+    """Further tries of a failed request before the run stops with an error."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each source in the sum, by name (`model`, `function`, `url`); 1.0 when
+    not given."""
+
+    def has_model(self) -> bool:
+        return self.model.path is not None or self.model.arch is not None
+
+    def sources(self) -> list[str]:
+        """The sources set, in a fixed order."""
+        return [name for name, on in (("model", self.has_model()), ("function", self.function is not None),
+                                      ("url", self.url is not None)) if on]
+
+    def validate(self, v: Validator) -> None:
+        v.check(bool(self.sources()), "model.path",
+                "no reward source: set reward.model.path (a trained reward model; or model.arch), reward.function "
+                "or reward.url")
+        for name in self.weights:
+            v.check(name in self.sources(), f"weights.{name}",
+                    f"names no reward source set here (set: {', '.join(self.sources())})")
+        if self.function is not None:
+            v.check(":" in self.function, "function", f"must look like module:function or file.py:function, "
+                    f"got {self.function!r}")
+        if self.url is not None:
+            v.check(self.url.startswith(("http://", "https://")), "url", f"must be an http(s) URL, got {self.url!r}")
+        v.check(self.url_batch_size > 0, "url_batch_size", f"must be > 0, got {self.url_batch_size}")
+        v.check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        v.check(self.retries >= 0, "retries", f"must be >= 0, got {self.retries}")
+
+
+@dataclass
 class RolloutConfig:
     batch_size: int = 64
-    """Prompts per PPO step, over all ranks (each gets one sampled response)."""
+    """Prompts per step, over all ranks (each gets `n` sampled responses)."""
+    n: int = 1
+    """Responses sampled per prompt (GRPO's group size G); the rows of one prompt are
+    consecutive and stay on the rank that drew the prompt."""
     micro_batch_size: int | None = None
     """Prompts per generate call on one rank; None generates the rank's share at once."""
     max_new_tokens: int = 64
@@ -159,6 +209,7 @@ class RolloutConfig:
 
     def validate(self, v: Validator) -> None:
         v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        v.check(self.n > 0, "n", f"must be > 0, got {self.n}")
         if self.micro_batch_size is not None:
             v.check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
         v.check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
@@ -243,53 +294,121 @@ class PPOHParams:
 
 
 @dataclass
-class PPOConfig(BaseStageConfig):
-    """PPO: the policy (from SFT) against a frozen reward model, with a value model
-    (from the reward model) and a frozen reference policy for the KL penalty.
+class PolicyGradientHParams:
+    """What GRPO, RLOO and REINFORCE++ share: a clipped policy-gradient loss with no
+    critic. Each stage changes some defaults to its paper's."""
 
-    train.global_batch_size is the PPO minibatch (samples per optimizer step);
-    rollout.batch_size must be a multiple of it. train.epochs counts passes over the
-    prompts; train.max_steps counts PPO steps (rollout batches).
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    clip_low: float = 0.2
+    """The ratio new/old is clipped below at 1 - clip_low (PPO's epsilon)."""
+    clip_high: float = 0.2
+    """... and above at 1 + clip_high (DAPO's clip-higher raises it, e.g. 0.28)."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = "token_mean"
+    """How per-token losses become one number: `token_mean` over all action tokens of the
+    minibatch (DAPO); `seq_mean_token_mean`, each response's mean then the mean over
+    responses (the GRPO paper); `seq_sum_norm`, the sum over tokens / (responses x
+    rollout.max_new_tokens) (Dr. GRPO)."""
+    kl_coef: float = 0.04
+    """Weight of the KL to the reference policy; 0 turns it off (and the reference is
+    not loaded)."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response that never emitted a stop token."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: the last `overlong_buffer` tokens before
+    rollout.max_new_tokens cost up to `overlong_factor` of score, linearly; 0 turns it off."""
+    overlong_factor: float = 1.0
+    """The score lost by a response of rollout.max_new_tokens tokens (see overlong_buffer)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight in the policy loss."""
+    disable_dropout: bool = True
+    """Turn off dropout in the policy, so the ratio new/old is 1 at the first minibatch."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        v.check(0 < self.clip_low < 1, "clip_low", f"must be in (0, 1), got {self.clip_low}")
+        v.check(self.clip_high > 0, "clip_high", f"must be > 0, got {self.clip_high}")
+        v.check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        v.check(self.overlong_buffer >= 0, "overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
+        v.check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+
+
+@dataclass
+class GroupHParams(PolicyGradientHParams):
+    """GRPO and RLOO: each response's advantage from the scores of its prompt's group."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """`grpo`: (r - group mean) / (group std + 1e-4); `dr_grpo`: r - group mean; `rloo`:
+    r - the mean of the group's other responses (see losses.group_advantages)."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL to the reference goes: `loss`, kl_coef x k3 per token added to the
+    policy loss (GRPO); `reward`, kl_coef x the response's summed k1 taken off its score
+    before the group baseline (RLOO)."""
+    dynamic_sampling: bool = False
+    """Leave out of the loss the groups whose scores are all equal (DAPO's dynamic
+    sampling, without resampling): their advantages are 0 and would only dilute it."""
+
+
+@dataclass
+class ReinforceHParams(PolicyGradientHParams):
+    """REINFORCE++ (Hu 2025): PPO's per-token rewards with no critic."""
+
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator of the per-token penalty in the reward."""
+    clip_score: float | None = None
+    """Clip scores to [-clip_score, clip_score]."""
+
+
+@dataclass
+class OnPolicyConfig(BaseStageConfig):
+    """What every on-policy stage has: a policy sampled and trained, a frozen reference,
+    reward sources and the rollout settings.
+
+    train.global_batch_size is the minibatch in responses (rows) per optimizer step;
+    rollout.batch_size x rollout.n must be a multiple of it. train.epochs counts passes
+    over the prompts; train.max_steps counts rollout batches.
     """
 
     policy: RoleConfig = field(default_factory=RoleConfig)
-    value: RoleConfig = field(default_factory=RoleConfig)
-    """Initialised from the reward model by default (set model.path to it)."""
-    reward: RoleConfig = field(default_factory=RoleConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     ref_policy: RoleConfig = field(default_factory=RoleConfig)
     """None of model.path/arch: a frozen copy of the policy's starting weights."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    ppo: PPOHParams = field(default_factory=PPOHParams)
     data: DataConfig = field(default_factory=lambda: DataConfig(truncation="drop", max_length=1024,
                                                                 max_prompt_length=512))
     sample_every: int = 10
     """Write a few (prompt, response, score) samples to samples.jsonl every N steps; 0 never."""
 
-    stage = "ppo"
+    trained_roles = ("policy",)  # class attributes: the roles with an optimizer
+    hparams = ""  # the name of the stage's hyperparameter group
 
     def validate(self, v: Validator) -> None:
         super().validate(v)
-        for role in ("policy", "value", "reward"):
+        for role in self.trained_roles:
             v.sub(f"{role}.model", getattr(self, role).model)
+        v.sub("reward", self.reward)
+        if self.reward.has_model():
+            v.sub("reward.model", self.reward.model)
         if self.ref_policy.model.path is not None or self.ref_policy.model.arch is not None:
             v.sub("ref_policy.model", self.ref_policy.model)
-        for role in ("policy", "value"):
+        for role in self.trained_roles:
             v.sub(f"{role}.optim", getattr(self, role).optim)
-        for role in ("policy", "value", "reward", "ref_policy"):
+        for role in (*self.trained_roles, "reward", "ref_policy"):
             ds = getattr(self, role).deepspeed
             if ds is not None:
                 v.sub(f"{role}.deepspeed", ds)
-        for role in ("policy", "value"):
+        for role in self.trained_roles:
             key = f"{role}.deepspeed" if getattr(self, role).deepspeed is not None else "deepspeed"
             self.role_deepspeed(role).validate_trainable(Validator(v.where, v.key(key)))
         v.sub("rollout", self.rollout)
-        v.sub("ppo", self.ppo)
+        v.sub(self.hparams, getattr(self, self.hparams))
         v.check(self.data.truncation in ("left", "drop"), "data.truncation",
-                f"PPO prompts support left (keep the end) or drop, got {self.data.truncation}")
+                f"{self.stage.upper()} prompts support left (keep the end) or drop, got {self.data.truncation}")
         v.check(self.data.padding_free is not True, "data.padding_free", "applies to SFT only")
-        v.check(self.rollout.batch_size % self.train.global_batch_size == 0, "rollout.batch_size",
-                f"{self.rollout.batch_size} must be a multiple of train.global_batch_size "
-                f"({self.train.global_batch_size}, the PPO minibatch)")
+        rows = self.rollout.batch_size * self.rollout.n
+        v.check(rows % self.train.global_batch_size == 0, "rollout.batch_size",
+                f"{self.rollout.batch_size}{f' x rollout.n ({self.rollout.n})' if self.rollout.n != 1 else ''} "
+                f"must be a multiple of train.global_batch_size ({self.train.global_batch_size}, the minibatch)")
         for role in ("reward", "ref_policy"):
             v.check(getattr(self, role).model.lora.r == 0, f"{role}.model.lora.r", "frozen models take no LoRA")
         v.check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
@@ -298,11 +417,76 @@ class PPOConfig(BaseStageConfig):
         return self.policy.model
 
     def models(self) -> dict[str, ModelConfig]:
-        roles = ("policy", "value", "reward", "ref_policy")
+        roles = (*self.trained_roles, "reward", "ref_policy")
         return {f"{r}.model": getattr(self, r).model for r in roles if getattr(self, r).model.path is not None}
 
     def role_deepspeed(self, role: str) -> DeepSpeedConfig:
         return getattr(self, role).deepspeed or self.deepspeed
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    """PPO: the policy (from SFT) against a frozen reward model, with a value model
+    (from the reward model) and a frozen reference policy for the KL penalty.
+
+    train.global_batch_size is the PPO minibatch (samples per optimizer step);
+    rollout.batch_size must be a multiple of it. train.epochs counts passes over the
+    prompts; train.max_steps counts PPO steps (rollout batches).
+    """
+
+    value: RoleConfig = field(default_factory=RoleConfig)
+    """Initialised from the reward model by default (set model.path to it)."""
+    ppo: PPOHParams = field(default_factory=PPOHParams)
+
+    stage = "ppo"
+    trained_roles = ("policy", "value")
+    hparams = "ppo"
+
+
+@dataclass
+class GroupStageConfig(OnPolicyConfig):
+    """A critic-free stage whose advantages come from groups of `rollout.n` responses."""
+
+    def validate(self, v: Validator) -> None:
+        super().validate(v)
+        v.check(self.rollout.n >= 2, "rollout.n", f"{self.stage.upper()} compares each response with the others "
+                f"of its prompt: needs rollout.n >= 2, got {self.rollout.n}")
+
+
+@dataclass
+class GRPOConfig(GroupStageConfig):
+    """GRPO (Shao et al. 2024): `rollout.n` responses per prompt, each advantage its
+    score standardised within its group, the KL to the reference in the loss."""
+
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8))
+    grpo: GroupHParams = field(default_factory=lambda: GroupHParams(loss_aggregation="seq_mean_token_mean"))
+
+    stage = "grpo"
+    hparams = "grpo"
+
+
+@dataclass
+class RLOOConfig(GroupStageConfig):
+    """RLOO (Ahmadian et al. 2024): each response's baseline is the mean score of the
+    other responses to its prompt; the KL to the reference in the reward."""
+
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=4))
+    rloo: GroupHParams = field(default_factory=lambda: GroupHParams(advantage="rloo", kl_in="reward",
+                                                                    kl_coef=0.05))
+
+    stage = "rloo"
+    hparams = "rloo"
+
+
+@dataclass
+class ReinforceConfig(OnPolicyConfig):
+    """REINFORCE++ (Hu 2025): per-token rewards (KL penalty on every token, the score on
+    the last), returns as their reverse sum, advantages whitened over the batch."""
+
+    reinforce: ReinforceHParams = field(default_factory=lambda: ReinforceHParams(kl_coef=0.01))
+
+    stage = "reinforce"
+    hparams = "reinforce"
 
 
 @dataclass
@@ -418,13 +602,13 @@ def load_stage_config(cls: type, path: str | os.PathLike | None, overrides: list
     """Load, override and validate the config of one stage.
 
     Args:
-        cls: SFTConfig, RMConfig, PPOConfig or DPOConfig.
+        cls: a stage's config class (SFTConfig, RMConfig, PPOConfig, GRPOConfig, ...).
         path: YAML file (single- or multi-stage); None starts from the defaults.
         overrides: `key.sub=value` strings, relative to the stage's section.
         world_size: number of ranks, when known, to check that batch sizes divide.
     """
     data, where = load_yaml(path) if path is not None else ({}, {})
-    stage_dict, stage_where = resolve_stage_dict(data, where, cls.stage, overrides, str(path))
+    stage_dict, stage_where = resolve_stage_dict(data, where, cls.stage, overrides, str(path), cls)
     cfg = from_dict(cls, stage_dict, stage_where)
     validate(cfg, stage_where, world_size)
     return cfg
@@ -439,7 +623,7 @@ def validate(cfg: BaseStageConfig, where: dict[str, str] | None = None, world_si
 def check_batch_sizes(cfg: BaseStageConfig, world_size: int, where: dict[str, str] | None = None) -> None:
     try:
         cfg.train.accumulation_steps(world_size)
-        if isinstance(cfg, PPOConfig):
+        if isinstance(cfg, OnPolicyConfig):
             exact_div(cfg.rollout.batch_size, world_size, "rollout.batch_size", "ranks")
     except ConfigError as e:
         raise ConfigError(f"{_locate(where or {}, 'train.global_batch_size')}{e} "

@@ -22,10 +22,9 @@ from rlhf.data.sources import DataError, load_rows
 
 __all__ = ["DataError", "StageData", "build_stage_data"]
 
-# DPO reads the reward model's pairs (and its share of data.stage_split).
-STAGE_INDEX = {"sft": 0, "rm": 1, "ppo": 2, "dpo": 1}
-_TOKENIZE = {"sft": tokenize_sft, "rm": tokenize_pairs, "ppo": tokenize_prompts, "dpo": tokenize_pairs}
-_CACHE_VERSION = 2  # bump when the tokenized layout changes
+# By the data kind of a stage (rlhf.stages: sft, pairs, prompts).
+_TOKENIZE = {"sft": tokenize_sft, "pairs": tokenize_pairs, "prompts": tokenize_prompts}
+_CACHE_VERSION = 3  # bump when the tokenized layout changes
 
 
 @dataclass
@@ -37,7 +36,7 @@ class StageData:
 
 
 def build_stage_data(stage: str, cfg: DataConfig, tokenizer, use_cache: bool = True) -> StageData:
-    """Checked, tokenized train and eval examples of `stage` (sft, rm, ppo or dpo).
+    """Checked, tokenized train and eval examples of `stage` (a name of rlhf.stages).
 
     Raises DataError naming the file, line and field of the first bad row (unless
     `cfg.skip_bad_rows`), or when no usable row is left.
@@ -46,8 +45,11 @@ def build_stage_data(stage: str, cfg: DataConfig, tokenizer, use_cache: bool = T
     if path is not None and path.exists():
         with path.open("rb") as f:
             return pickle.load(f)
-    train_rows, eval_rows = load_rows(cfg, STAGE_INDEX[stage])
-    tokenize = _TOKENIZE[stage]
+    from rlhf.stages import REGISTRY  # here: the registry imports the configs, which import the task
+
+    kind = REGISTRY[stage].data
+    train_rows, eval_rows = load_rows(cfg, REGISTRY[stage].split)
+    tokenize = _TOKENIZE[kind]
     train, train_report = tokenize(train_rows, tokenizer, cfg)
     if not train:
         raise DataError(f"no usable training rows ({train_report.summary()}); "

@@ -329,8 +329,9 @@ def tokenize_pairs(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[di
 
 
 def tokenize_prompts(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[dict], Report]:
-    """Rows -> {prompt_ids, prompt}: the prompt text (rendered, for chat rows) is kept for
-    task-specific evaluation such as the built-in task's gold reward."""
+    """Rows -> {prompt_ids, prompt, fields, where}: the prompt text (rendered, for chat
+    rows) is kept for task-specific evaluation such as the built-in task's gold reward;
+    `fields` holds the row's other fields, `where` its file and line."""
     t = _Tok(tokenizer)
     report = Report()
     limit = cfg.max_prompt_length or cfg.max_length - 1
@@ -355,6 +356,11 @@ def tokenize_prompts(rows: list[Row], tokenizer, cfg: DataConfig) -> tuple[list[
                 return "dropped: prompt longer than max_prompt_length"
             ids = ids[len(ids) - limit:]
             report.counts["prompt cut from the left"] += 1
-        return {"prompt_ids": ids, "prompt": text}
+        # The row's other fields (e.g. a reference `answer`) go to reward functions and servers.
+        fields = {k: v for k, v in row.data.items() if k not in _PROMPT_FIELDS}
+        return {"prompt_ids": ids, "prompt": text, "fields": fields, "where": row.where}
 
     return _each(rows, _format_getter(cfg, "ppo"), cfg.skip_bad_rows, report, one), report
+
+
+_PROMPT_FIELDS = ("prompt", "messages", "chosen", "rejected", "response", "completion")

@@ -67,9 +67,9 @@ class DPOTrainer(Trainer):
         self.reference_time_s = 0.0  # seconds spent scoring the pairs with the reference, up front
         self.gold_reward = None
         if cfg.task is not None:
-            from rlhf.task import gold_reward
+            from rlhf.task import gold_function
 
-            self.gold_reward = gold_reward
+            self.gold_reward = gold_function(cfg.task)
         # Sampled evaluation answers each held-out prompt once.
         seen: dict[tuple[int, ...], None] = {}
         for e in self.data.eval:

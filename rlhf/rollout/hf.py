@@ -1,4 +1,4 @@
-"""Generation and the forward passes that turn it into PPO experience.
+"""The Hugging Face rollout path: generation and the forward passes that turn it into experience.
 
 Token layout of one rollout batch (B rows):
 

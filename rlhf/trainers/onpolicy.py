@@ -1,0 +1,453 @@
+"""The on-policy loop that PPO, GRPO, RLOO and REINFORCE++ share (DESIGN.md, "On-policy stages").
+
+One step, as `train` reads:
+
+    1. rollout     - the rollout engine samples rollout.n responses to each prompt
+    2. scores      - the reward sources score them (model, function, server, a sum)
+    3. experience  - the policy's and the reference's log-probs, the critic's values
+                     (each model makes one pass over the whole batch, in chunks)
+    4. rewards and advantages - the algorithm's (GAE, group baselines, REINFORCE++)
+    5. learn       - epochs x shuffled minibatches: the algorithm's losses, then a
+                     backward and an optimizer step of each trained model
+    6. sync        - the engine samples from the updated weights next time
+
+Steps 1-3 are `make_experience`; `compute_rewards`, `compute_advantages`, `learn`
+and `train_step` can each be overridden alone. Three parts are handed in and each
+can be replaced alone: the rollout engine (rlhf.rollout), the reward sources
+(rlhf.rewards) and the algorithm (`Algorithm`, rlhf/trainers/experience.py; a trainer
+names its class).
+All per-token tensors have the response's columns only (rlhf.rollout.hf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import ModelConfig, OnPolicyConfig, exact_div
+from rlhf.data.batching import StepSampler
+from rlhf.losses import masked_sum
+from rlhf.models import ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained, sequence_scores
+from rlhf.rewards import RewardSources
+from rlhf.rollout import HFEngine, full_sequence, generation_context, is_stop, response_logprobs, response_values
+from rlhf.trainers.base import Trainer
+from rlhf.trainers.experience import Algorithm, Experience
+
+__all__ = ["Algorithm", "Experience", "OnPolicyTrainer"]
+
+
+class OnPolicyTrainer(Trainer):
+    """The loop; a stage names its `algorithm_class` (and the stage name)."""
+
+    algorithm_class: type[Algorithm] = Algorithm
+    cfg: OnPolicyConfig
+
+    def __init__(self, cfg: OnPolicyConfig, backbone=None):
+        super().__init__(cfg, backbone)
+        s = self.stage
+        self.plot_keys = [f"{s}/score", f"{s}/kl", "eval/score", "eval/gold_reward"] + self.plot_keys
+        self.progress_keys = [f"{s}/score", f"{s}/kl", f"{s}/episodes_per_s"]
+        self.timers: dict[str, float] = {}
+        self.entropy_logged = True
+
+    # ================================================================== setup
+
+    def make_sampler(self) -> StepSampler:
+        bb, r = self.backbone, self.cfg.rollout
+        self.prompts_per_rank = exact_div(r.batch_size, bb.world_size, "rollout.batch_size", "ranks")
+        return StepSampler(len(self.data.train), r.batch_size, self.prompts_per_rank, bb.world_size, bb.rank,
+                           self.cfg.seed)
+
+    def build_models(self) -> None:
+        cfg, bb = self.cfg, self.backbone
+        micro = cfg.train.micro_batch_size
+        self.algorithm = self.algorithm_class(cfg, self)
+        self.minibatches = cfg.rollout.batch_size * cfg.rollout.n // cfg.train.global_batch_size
+        optimizer_steps = self.total_steps * self.algorithm.hp.epochs * self.minibatches
+        self.check_reward_tokenizer()
+
+        # policy: the model being trained (actor)
+        policy_cfg = self.role_model("policy")
+        with bb.model_init(cfg.role_deepspeed("policy")):
+            policy = load_causal_lm(policy_cfg, self.tokenizer, self.dtype, self.stop_ids)
+        policy = apply_lora(policy, policy_cfg.lora, "CAUSAL_LM")
+        self.policy = bb.wrap(policy, cfg.role_deepspeed("policy"), cfg.policy.optim, micro, self.accumulation,
+                              optimizer_steps)
+        self.engines = {"policy": self.policy}
+        self.value = None
+        if self.algorithm.critic:
+            # value: estimates future reward per token (critic), by default from the reward model
+            value_cfg = self.role_model("value")
+            with bb.model_init(cfg.role_deepspeed("value")):
+                value = load_scalar_model(value_cfg, self.tokenizer, self.dtype, self.stop_ids)
+            value = ScalarModel(apply_lora(value, value_cfg.lora, "SEQ_CLS"))
+            self.value = bb.wrap(value, cfg.role_deepspeed("value"), cfg.value.optim, micro, self.accumulation,
+                                 optimizer_steps)
+            self.engines["value"] = self.value
+        # reward model and reference policy: frozen, inference-only engines
+        self.reward = None
+        if cfg.reward.has_model():
+            with bb.model_init(cfg.role_deepspeed("reward"), trainable=False):
+                reward = ScalarModel(load_scalar_model(cfg.reward.model, self.tokenizer, self.dtype, self.stop_ids))
+            self.reward = bb.wrap(reward, cfg.role_deepspeed("reward"))
+        self.ref_policy = None
+        if self.algorithm.uses_reference:
+            with bb.model_init(cfg.role_deepspeed("ref_policy"), trainable=False):
+                ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype, self.stop_ids)
+            self.ref_policy = bb.wrap(ref, cfg.role_deepspeed("ref_policy"))
+        self.rewards = RewardSources(cfg.reward)
+        self.engine = HFEngine(self.policy, cfg.rollout, self.tokenizer, cfg.role_deepspeed("policy").zero_stage,
+                               self.stop_ids)
+        self.gold_reward = None
+        if cfg.task is not None:
+            from rlhf.task import gold_function
+
+            self.gold_reward = gold_function(cfg.task)
+        self.build_extras()
+        # Sampling must differ across ranks (same seed everywhere would give every rank
+        # the same random stream); models are built, so this changes no initial weight.
+        torch.manual_seed(cfg.seed * 1000 + bb.rank)
+
+    def build_extras(self) -> None:
+        """What a stage adds to its models (PPO: EMA, ptx data), before sampling is seeded."""
+
+    def role_model(self, role: str) -> ModelConfig:
+        """The model config of a role; the reference defaults to the policy's starting
+        weights, and dropout is off in trained models when the hyperparameters say so."""
+        cfg = self.cfg
+        m = getattr(cfg, role).model
+        if role == "ref_policy" and m.path is None and m.arch is None:
+            m = dataclasses.replace(cfg.policy.model, lora=dataclasses.replace(cfg.policy.model.lora, r=0),
+                                    gradient_checkpointing=False)
+        if self.algorithm.hp.disable_dropout and role in ("policy", "value", "ref_policy"):
+            m = dataclasses.replace(m, dropout=0.0)
+        return m
+
+    def check_reward_tokenizer(self) -> None:
+        """The reward model reads the policy's token ids directly, so it must share the
+        tokenizer. Refuse a mismatch at start instead of scoring garbage."""
+        from transformers import AutoTokenizer
+
+        from rlhf.model_source import model_dir
+
+        if not self.cfg.reward.has_model():
+            return
+        path = model_dir(self.cfg.reward.model)
+        if path is None or not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return
+        theirs = AutoTokenizer.from_pretrained(path)
+        ours = self.tokenizer.get_vocab()
+        if any(ours.get(tok) != i for tok, i in theirs.get_vocab().items()):
+            raise ValueError(f"reward.model.path: the reward model at {path} uses a different tokenizer from the "
+                             f"policy ({self.cfg.tokenizer.path or self.cfg.policy.model.path}); "
+                             f"{self.stage.upper()} needs one shared vocabulary")
+
+    # ================================================================== the loop
+
+    def train(self) -> None:
+        cfg = self.cfg
+        if self.step == 0 and self.data.eval:
+            self.log(self.evaluate())
+        bar = self.progress_bar()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            prompts = [self.data.train[i] for i in self.sampler.step(self.step)[0]]
+            # 1.-3. sample rollout.n responses per prompt, score them, record log-probs (and values)
+            exp = self.make_experience(prompts)
+            t1 = time.perf_counter()
+            # 4. rewards, then advantages (and returns)
+            exp.rewards = self.compute_rewards(exp)
+            exp.advantages, exp.returns = self.compute_advantages(exp)
+            metrics = self.experience_metrics(exp)
+            # 5. epochs over shuffled minibatches: losses, backward, step of each trained model
+            metrics.update(self.learn(exp))
+            # 6. the rollout engine samples from the new weights next time
+            self.engine.sync_weights(self.policy)
+            self.after_step(metrics)
+            t2 = time.perf_counter()
+            metrics.update(self.timers)
+            metrics.update({"time/experience_s": t1 - t0, "time/train_s": t2 - t1,
+                            f"{self.stage}/episodes_per_s": cfg.rollout.batch_size * cfg.rollout.n / (t2 - t0)})
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.write_samples(exp)
+            self.step += 1
+            self.end_step(metrics, bar)
+        if bar is not None:
+            bar.close()
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        self.algorithm.after_step(metrics)
+
+    # ------------------------------------------------------------------ 1.-3. experience
+
+    @torch.no_grad()
+    def make_experience(self, prompts: list[dict], n: int | None = None) -> Experience:
+        """Sample `n` (default rollout.n) responses per prompt and record everything the
+        algorithm needs about them."""
+        t0 = time.perf_counter()
+        rollout = self.engine.generate(prompts, self.cfg.rollout.n if n is None else n)
+        self.timers = {"time/generate_s": time.perf_counter() - t0}
+        passes = self.forward_passes(rollout)
+        texts = [p["prompt"] for p in rollout.rows]
+        responses = self.decode_responses(rollout.response_ids, rollout.action_mask) if self.rewards.text_sources \
+            else []
+        scores = self.rewards.score(passes.get("scores"), texts, responses, rollout.rows)
+        self.timers.update({f"time/reward_{k}_s": v for k, v in self.rewards.timings.items()})
+        return Experience(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.action_mask,
+                          passes["logprobs"], passes.get("ref_logprobs"), passes.get("values"),
+                          scores.to(rollout.prompt_ids.device), texts, rollout.rows)
+
+    @torch.no_grad()
+    def forward_passes(self, rollout) -> dict[str, torch.Tensor]:
+        """Policy and reference log-probs, values `(B, R)` and reward-model scores `(B,)`.
+        Each model runs over the whole batch in chunks before the next starts, so under
+        ZeRO-3 its weights are gathered once for all chunks. The policy's pass is
+        skipped when its log-probs came with the responses."""
+        input_ids, attention_mask = full_sequence(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                                  rollout.action_mask)
+        P, T = rollout.prompt_ids.shape[1], self.cfg.rollout.temperature
+        chunk = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+        policy_chunk = self.cfg.policy.model.logits_chunk_mib
+        passes = []
+        if rollout.logprobs is None:
+            passes.append(("logprobs", "policy", lambda m, ids, mask: response_logprobs(
+                m, ids, mask, P, T, chunk_mib=policy_chunk)))
+        if self.ref_policy is not None:
+            ref_chunk = self.role_model("ref_policy").logits_chunk_mib
+            passes.append(("ref_logprobs", "ref_policy", lambda m, ids, mask: response_logprobs(
+                m, ids, mask, P, T, chunk_mib=ref_chunk)))
+        if self.value is not None:
+            passes.append(("values", "value", lambda m, ids, mask: response_values(m, ids, mask, P)))
+        if self.reward is not None:
+            passes.append(("scores", "reward", sequence_scores))
+        out = {}
+        for engine in self.engines.values():
+            engine.eval()
+        for name, role, fn in passes:
+            t0 = time.perf_counter()
+            engine = getattr(self, role)
+            with generation_context(engine, self.cfg.role_deepspeed(role).zero_stage):
+                out[name] = torch.cat([fn(engine, input_ids[i:i + chunk], attention_mask[i:i + chunk])
+                                       for i in range(0, input_ids.shape[0], chunk)])
+            self.timers[f"time/score_{role}_s"] = time.perf_counter() - t0
+        for engine in self.engines.values():
+            engine.train()
+        if rollout.logprobs is not None:
+            out["logprobs"] = rollout.logprobs
+        return out
+
+    # ------------------------------------------------------------------ 4. rewards and advantages
+
+    def compute_rewards(self, exp: Experience) -> torch.Tensor:
+        return self.algorithm.compute_rewards(exp)
+
+    def compute_advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.algorithm.compute_advantages(exp)
+
+    def has_eos(self, exp: Experience) -> torch.Tensor:
+        return (is_stop(exp.response_ids, self.stop_ids) & exp.action_mask.bool()).any(dim=1)
+
+    def global_mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (unbiased) variance of x over the mask on every rank together."""
+        s = self.backbone.all_reduce(torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum()]))
+        n = s[2].clamp(min=2)
+        mean = s[0] / n
+        var = (s[1] / n - mean**2) * n / (n - 1)
+        return mean.to(x.dtype), var.clamp(min=0).to(x.dtype)
+
+    def sum_over_ranks(self, sums: dict[str, float | torch.Tensor]) -> dict[str, float]:
+        """Each named sum added up over all ranks, in one all-reduce (float64)."""
+        names = sorted(sums)
+        t = torch.tensor([float(sums[k]) for k in names], dtype=torch.float64)
+        t = self.backbone.all_reduce(t)
+        return {k: t[i].item() for i, k in enumerate(names)}
+
+    # ------------------------------------------------------------------ 5. learning
+
+    def learn(self, exp: Experience) -> dict[str, float]:
+        """Epochs over the experience in shuffled minibatches; mean metrics."""
+        cfg = self.cfg
+        per_rank = cfg.train.global_batch_size // self.backbone.world_size
+        micro = cfg.train.micro_batch_size
+        epochs = self.algorithm.hp.epochs
+        totals: dict[str, float] = {}
+        seen: dict[str, int] = {}
+        self.update_time = {"policy": 0.0, "value": 0.0}
+        for epoch in range(epochs):
+            # A generator of its own: the order depends on (seed, step, epoch, rank) only,
+            # so a resumed run shuffles exactly as the uninterrupted one did.
+            g = torch.Generator().manual_seed(hash((self.cfg.seed, self.step, epoch, self.backbone.rank)) % 2**62)
+            perm = torch.randperm(self.prompts_per_rank * cfg.rollout.n, generator=g)
+            for k in range(self.minibatches):
+                idx = perm[k * per_rank:(k + 1) * per_rank]
+                micro_batches = [exp.select(idx[j:j + micro]) for j in range(0, per_rank, micro)]
+                self.entropy_logged = epoch == 0 and k == 0  # a subsample for the log: see train_step
+                stats = self.train_step(micro_batches)
+                if epoch == 0 and k == 0:
+                    # Nothing has been updated yet: new and old log-probs must agree.
+                    totals[f"{self.stage}/ratio_at_start"] = stats[f"{self.stage}/ratio"]
+                    seen[f"{self.stage}/ratio_at_start"] = 1
+                for key, v in stats.items():
+                    totals[key] = totals.get(key, 0.0) + v
+                    seen[key] = seen.get(key, 0) + 1
+        out = {k: v / seen[k] for k, v in totals.items()}
+        out["time/policy_update_s"] = self.update_time["policy"]
+        if self.value is not None:
+            out["time/value_update_s"] = self.update_time["value"]
+        return out
+
+    def train_step(self, micro_batches: list[Experience]) -> dict[str, float]:
+        """One optimizer step of each trained model on a minibatch. The entropy is computed
+        where the loss uses it, else (for the log) on the first minibatch of a step only
+        (`entropy_logged`): it costs a pass over the logits."""
+        bb, algo = self.backbone, self.algorithm
+        per_mb = [algo.loss_counts(mb) for mb in micro_batches]
+        counts = self.sum_over_ranks({k: sum(c[k] for c in per_mb) for k in per_mb[0]})
+        scale = self.accumulation * bb.world_size
+        n_tokens = counts["tokens"]
+        entropy_in_loss = algo.hp.entropy_coef > 0
+        sums: dict[str, float] = {}
+        for mb in micro_batches:
+            t0 = time.perf_counter()
+            input_ids, attention_mask = mb.sequences()
+            P = mb.prompt_ids.shape[1]
+            out = response_logprobs(self.policy, input_ids, attention_mask, P, self.cfg.rollout.temperature,
+                                    with_entropy=self.entropy_logged or entropy_in_loss,
+                                    entropy_grad=entropy_in_loss, chunk_mib=self.cfg.policy.model.logits_chunk_mib)
+            logprobs, entropy = out if isinstance(out, tuple) else (out, None)
+            loss, stats = algo.policy_loss(mb, logprobs, entropy, counts, scale)
+            if self.has_extra_policy_loss():
+                loss = loss + self.extra_policy_loss()
+            self.policy.backward(loss)
+            bb.step(self.policy)
+            add(sums, stats)
+            t1 = time.perf_counter()
+            self.update_time["policy"] += t1 - t0
+            if self.value is not None:
+                values = response_values(self.value, input_ids, attention_mask, P)
+                v_loss, v_stats = algo.value_loss(mb, values, counts, scale)
+                self.value.backward(v_loss)
+                bb.step(self.value)
+                add(sums, v_stats)
+                self.update_time["value"] += time.perf_counter() - t1
+        s = self.sum_over_ranks(sums)
+        stats = {f"{self.stage}/{k}": v / max(n_tokens, 1.0) for k, v in s.items() if k != "entropy_tokens"}
+        if "entropy_tokens" in s:
+            stats[f"{self.stage}/entropy"] = s["entropy"] / max(s["entropy_tokens"], 1.0)
+        stats[f"{self.stage}/policy_grad_norm"] = bb.grad_norm(self.policy)
+        if self.value is not None:
+            stats[f"{self.stage}/value_grad_norm"] = bb.grad_norm(self.value)
+        return stats
+
+    def has_extra_policy_loss(self) -> bool:
+        return False
+
+    def extra_policy_loss(self) -> torch.Tensor:
+        """A term added to the policy's loss on each micro-batch (PPO: ptx)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ metrics
+
+    def experience_metrics(self, exp: Experience) -> dict[str, float]:
+        """What the rollout looked like, averaged over all ranks (reduced by name)."""
+        mask = exp.action_mask.float()
+        rows = {"score": exp.scores.sum(), "score_sq": (exp.scores**2).sum(), "response_length": mask.sum(),
+                "eos_rate": self.has_eos(exp).float().sum(), "n": float(len(exp.prompts))}
+        if exp.ref_logprobs is not None:
+            rows["kl"] = masked_sum(exp.logprobs - exp.ref_logprobs, mask, dim=1).sum()  # k1 per response
+        if exp.rewards is not None:
+            rows["reward"] = (masked_sum(exp.rewards, mask, dim=1) if exp.rewards.dim() == 2 else exp.rewards).sum()
+        tok = {"n_tok": mask.sum(), "advantages": masked_sum(exp.advantages * torch.ones_like(mask), mask)}
+        if exp.returns is not None:
+            tok["returns"] = masked_sum(exp.returns, mask)
+        if self.gold_reward is not None:
+            rows["gold_reward"] = sum(self.gold_rewards(exp))
+        extra = self.algorithm.metrics(exp)
+        s = self.sum_over_ranks({**rows, **tok, **extra})
+        n, n_tok, st = s.pop("n"), s.pop("n_tok"), self.stage
+        mean_score = s.pop("score") / n
+        out = {f"{st}/score": mean_score, f"{st}/score_std": max(s.pop("score_sq") / n - mean_score**2, 0.0) ** 0.5,
+               f"{st}/kl_coef": self.algorithm.kl_coef}
+        for k in tok:
+            if k != "n_tok":
+                out[f"{st}/{k}"] = s.pop(k) / n_tok
+        out.update({f"{st}/{k}": v / n for k, v in s.items()})
+        return out
+
+    def decode_responses(self, response_ids: torch.Tensor, action_mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                for r, m in zip(response_ids, action_mask)]
+
+    def gold_rewards(self, exp: Experience) -> list[float]:
+        texts = self.decode_responses(exp.response_ids, exp.action_mask)
+        return [self.gold_reward(p, t) for p, t in zip(exp.prompts, texts)]
+
+    def write_samples(self, exp: Experience, n: int = 4) -> None:
+        if not self.backbone.is_main:
+            return
+        texts = self.decode_responses(exp.response_ids[:n], exp.action_mask[:n])
+        with (self.out / "samples.jsonl").open("a") as f:
+            for p, t, s in zip(exp.prompts, texts, exp.scores.tolist()):
+                f.write(json.dumps({"step": self.step, "prompt": p, "response": t, "score": s}) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """One response to each held-out prompt: score, KL to the reference, length, EOS
+        rate (and the built-in task's gold reward). Sampled with a fixed seed in a forked
+        RNG, so evaluating does not change the training run."""
+        cfg, bb = self.cfg, self.backbone
+        size = cfg.rollout.micro_batch_size or self.prompts_per_rank
+        sums = {"score": 0.0, "kl": 0.0, "response_length": 0.0, "eos_rate": 0.0, "gold_reward": 0.0, "n": 0.0}
+        # One response per prompt; `n` only passed where it differs, so that overrides of
+        # make_experience(prompts) written for PPO keep working.
+        one = {} if cfg.rollout.n == 1 else {"n": 1}
+        with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
+            for idx, real in self.eval_index_batches(len(self.data.eval), size):
+                # Every rank samples and scores batches of the same sizes (its passes are
+                # collectives under ZeRO-3); only the first `real` rows are its own share.
+                exp = self.make_experience([self.data.eval[i] for i in idx], **one).select(torch.arange(real))
+                mask = exp.action_mask.float()
+                if exp.ref_logprobs is not None:
+                    sums["kl"] += masked_sum(exp.logprobs - exp.ref_logprobs, mask, dim=1).sum().item()
+                sums["score"] += exp.scores.sum().item()
+                sums["response_length"] += mask.sum().item()
+                sums["eos_rate"] += self.has_eos(exp).sum().item()
+                sums["gold_reward"] += sum(self.gold_rewards(exp)) if self.gold_reward is not None else 0.0
+                sums["n"] += real
+        s = self.sum_over_ranks(sums)
+        n = max(s.pop("n"), 1.0)
+        if self.gold_reward is None:
+            s.pop("gold_reward")
+        if self.ref_policy is None:
+            s.pop("kl")
+        return {f"eval/{k}": v / n for k, v in s.items()}
+
+    # ------------------------------------------------------------------ state, export
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), **self.algorithm.state_dict()}
+
+    def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state)
+
+    def export(self, out_dir: Path) -> None:
+        """final/ holds the policy (final/value/ the value model, with a critic)."""
+        bb = self.backbone
+        state = bb.full_state_dict(self.policy.module)
+        value_state = bb.full_state_dict(self.value.module) if self.value is not None else None
+        if bb.is_main:
+            save_pretrained(self.policy.module, state, self.tokenizer, out_dir)
+            if value_state is not None:
+                save_pretrained(self.value.module, value_state, self.tokenizer, out_dir / "value")
+
+
+def add(sums: dict[str, float], stats: dict[str, float]) -> None:
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
