@@ -102,10 +102,16 @@ def fused_attention(module, query, key, value, attention_mask, **kwargs):
     return _FusedAttention.apply(query, key, value), None
 
 
+def no_mask(*args, **kwargs) -> None:
+    """The mask a fused varlen kernel gets for full rows: none. (transformers' own
+    flash-attention mask function asks whether every position is real, which a fake
+    tensor cannot answer.)"""
+    return None
+
+
 def register_fused_attention() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import flash_attention_mask
 
     AttentionInterface.register("rlhf_fused_attention", fused_attention)
-    AttentionMaskInterface.register("rlhf_fused_attention", flash_attention_mask)
+    AttentionMaskInterface.register("rlhf_fused_attention", no_mask)
     return "rlhf_fused_attention"

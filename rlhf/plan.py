@@ -41,6 +41,7 @@ from rlhf.config import (BaseStageConfig, ConfigError, DeepSpeedConfig, ModelCon
                          SFTConfig, from_dict, is_multi_stage, load_yaml, parse_override, resolve_stage_dict,
                          set_dotted, validate)
 from rlhf.memory import TensorMemory, fake_tensors, register_fused_attention
+from rlhf.model_source import gguf_location
 
 GB = 1e9
 PLANNED = ("sft", "rm", "ppo")
@@ -144,8 +145,12 @@ def hf_config(cfg: BaseStageConfig, model: ModelConfig, outputs: dict[Path, Mode
                               "and the arch names no vocab_size")
         config.vocab_size = vocab
         return config
+    gguf = gguf_location(model)
     try:
-        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        if gguf is not None:  # its metadata, without converting the weights
+            config = AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
+        else:
+            config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}.path: cannot read the model's config.json at {model.path!r}: {e}") from None
     config.vocab_size = max(config.vocab_size, vocabulary(cfg, config.vocab_size) or 0)
@@ -239,7 +244,7 @@ def build_fake(config, causal: bool, model_cfg: ModelConfig, dtype: torch.dtype,
     it, except for models that take a custom mask (sdpa, as they run)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf.models import ScalarModel, apply_lora
+    from rlhf.models import ScalarModel
 
     config = copy.deepcopy(config)
     if custom_mask:
@@ -248,12 +253,13 @@ def build_fake(config, causal: bool, model_cfg: ModelConfig, dtype: torch.dtype,
         config._attn_implementation = register_fused_attention()
     elif model_cfg.attn_implementation not in (None, "auto"):
         config._attn_implementation = model_cfg.attn_implementation
-    if causal:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    if not causal:
         config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    model = apply_lora(model, model_cfg.lora, "CAUSAL_LM" if causal else "SEQ_CLS")
+    if model_cfg.lora.r:
+        model = fake_lora_model(auto, config, dtype, model_cfg.lora, "CAUSAL_LM" if causal else "SEQ_CLS")
+    else:
+        model = auto.from_config(config, dtype=dtype)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not causal:
@@ -263,6 +269,22 @@ def build_fake(config, causal: bool, model_cfg: ModelConfig, dtype: torch.dtype,
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return FakeModel(model, sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad),
                      largest, config)
+
+
+def fake_lora_model(auto, config, dtype: torch.dtype, lora, task_type: str):
+    """A model with LoRA adapters for a fake-tensor run (call inside `fake_tensors()`).
+    PEFT moves each new adapter onto its base layer's device and dtype with `Module.to`,
+    which cannot swap fake parameters; so model and adapters are built on the meta
+    device, outside the fake mode, and then given (fake) storage."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from rlhf.models import apply_lora
+
+    with unset_fake_temporarily(), torch.device("meta"):
+        model = apply_lora(auto.from_config(config, dtype=dtype), lora, task_type)
+    model = model.to_empty(device="cpu")
+    model.get_base_model().tie_weights()  # to_empty gave each module its own copy of a tied weight
+    return model
 
 
 def peak_bytes(fn) -> int:

@@ -136,3 +136,36 @@ def test_plan_command_warns_when_a_stage_does_not_fit(tmp_path, tokenizer_dir, c
     assert main(["plan", str(config), "sft.train.micro_batch_size=8", "--gpu-memory-gb", "0.001"]) == 1
     out = capsys.readouterr().out
     assert "WARNING: does not fit in 0.001 GB per GPU" in out and "WARNING: sft will not fit" in out
+
+
+def test_plan_counts_lora_adapters_and_tied_weights_on_gpu_kernels(tmp_path, tokenizer_dir):
+    """PPO with LoRA on the policy and the value model, tied embeddings, planned for CUDA
+    (the fused-attention path, which takes 2D masks): the adapters are the trained
+    parameters, a tied embedding is counted once."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.plan import build_fake
+
+    arch = {**ARCH, "tie_word_embeddings": True}
+    _, prompts = write_data(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "tokenizer": {"path": str(tokenizer_dir)},
+                                  "ppo": {"data": {"path": str(prompts)}}}))
+    lora = ["model.lora.r=8", 'model.lora.target_modules=["q_proj","v_proj"]']
+    overrides = [f"ppo.{o}" for o in [f"{r}.model.arch={json.dumps(arch)}" for r in ("policy", "value", "reward")]
+                 + [f"{r}.{o}" for r in ("policy", "value") for o in lora]]
+    world = World(1, 1, "cuda")
+    cfgs = load_configs(str(config), overrides, None, world)
+    plan = Planner(cfgs, world).plan("ppo")
+    assert plan.peak > 0 and any(p.name == "generation" for p in plan.parts), plan.parts
+
+    planner = Planner(cfgs, world)
+    hf = planner.config_of(cfgs["ppo"], cfgs["ppo"].policy.model, "policy.model")
+    with torch.device("meta"):
+        plain = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf).parameters())  # tied: once
+    L, H, r = arch["num_hidden_layers"], arch["hidden_size"], 8
+    kv = arch["num_key_value_heads"] * H // arch["num_attention_heads"]
+    adapters = L * r * ((H + H) + (H + kv))  # q_proj (H -> H) and v_proj (H -> kv): A (r x in) + B (out x r)
+    with fake_tensors():
+        fake = build_fake(hf, True, cfgs["ppo"].policy.model, torch.bfloat16, world, gradient_checkpointing=False)
+    assert (fake.params, fake.trainable) == (plain + adapters, adapters)
