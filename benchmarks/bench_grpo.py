@@ -21,7 +21,7 @@ the same speed only counts at the same learning.
 
 Tiny model (default): the quickstart's SFT policy (`rlhf pipeline configs/quickstart.yaml
 --stages sft`, run once into --work), its task's prompts and tokenizer, the gold reward
-`rlhf.task:gold_rewards`; 30 steps of 16 prompts x 8 responses (up to 24 new tokens),
+`rlhf.task:gold_rewards`; 150 steps of 16 prompts x 8 responses (up to 24 new tokens),
 micro-batches of 32, lr 2e-4, beta 0.04:
 
     python benchmarks/bench_grpo.py --repeats 5 --out benchmarks/results/grpo_cpu.json
@@ -235,7 +235,8 @@ def prepare_one_word(args, num_prompts: int, num_eval: int = 64) -> tuple[Path, 
 
 def main() -> None:
     p = parent_args(__doc__)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps = rollout batches (default 30 tiny, 3 real)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps = rollout batches (default 150 tiny, 3 real)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (default 16 tiny, 8 real)")
     p.add_argument("--group", type=int, default=8, help="responses per prompt (GRPO's G; TRL's num_generations)")
     p.add_argument("--micro", type=int, default=None, help="rows per micro-batch (default 32 tiny, 16 real)")
@@ -251,7 +252,7 @@ def main() -> None:
         spec = json.loads(args.spec)
         {"ours": child_ours, "trl": child_trl}[args.child](spec)
         return
-    shape_defaults(args, tiny=dict(steps=30, prompts=16, micro=32, response_length=24, lr=2e-4),
+    shape_defaults(args, tiny=dict(steps=150, prompts=16, micro=32, response_length=24, lr=2e-4),
                    real=dict(steps=3, prompts=8, micro=16, response_length=16, lr=1e-6))
     if is_real(args):
         work, spec = prepare_one_word(args, num_prompts=max(args.steps * args.prompts, 64))
