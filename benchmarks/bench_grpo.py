@@ -11,11 +11,15 @@ scale_rewards="group"). The KL to the reference, when --beta > 0, is k3 in the l
 both (TRL's only form; ours `grpo.kl_in=loss`). Each framework runs in its own child
 process, alternately; medians are reported.
 
+One difference in work: updating once per rollout, TRL takes the "old" log-probs as the
+new ones detached and skips a policy pass over the rollout; ours makes that pass unless
+`--ours rollout.logprobs_from_generation=true` (read off the sampler's logits instead).
+
 Measured: episodes (one sampled response each) per second over the training loop (ours:
 `train()` after setup; TRL: its train-begin to train-end events, so model loading and
-optimizer creation are left out on both), each step's split (generation; experience = generation, reference pass, reward
-function; learning = the rest of the step), the mean response length, the child's peak
-RSS, and the held-out gold reward of the trained policy (one response sampled per
+optimizer creation are left out on both), each step's split (generation; experience =
+generation, the reference pass, the reward function, and ours' policy pass; learning =
+the rest of the step), the mean response length, the child's peak RSS, and the held-out gold reward of the trained policy (one response sampled per
 held-out prompt, fixed seed, by one function for both), beside the starting policy's:
 the same speed only counts at the same learning.
 
@@ -25,6 +29,8 @@ Tiny model (default): the quickstart's SFT policy (`rlhf pipeline configs/quicks
 micro-batches of 32, lr 2e-4, beta 0.04:
 
     python benchmarks/bench_grpo.py --repeats 5 --out benchmarks/results/grpo_cpu.json
+    python benchmarks/bench_grpo.py --repeats 5 --ours rollout.logprobs_from_generation=true \
+        --out benchmarks/results/grpo_cpu_genlogprobs.json
 
 SmolLM2-135M-Instruct (`--model smollm2`, from the cached GGUF conversion as in
 bench_ppo.py; `--policy DIR` starts from another checkpoint of it, e.g. an SFT'd one):
