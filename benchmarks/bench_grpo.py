@@ -19,9 +19,10 @@ Measured: episodes (one sampled response each) per second over the training loop
 `train()` after setup; TRL: its train-begin to train-end events, so model loading and
 optimizer creation are left out on both), each step's split (generation; experience =
 generation, the reference pass, the reward function, and ours' policy pass; learning =
-the rest of the step), the mean response length, the child's peak RSS, and the held-out gold reward of the trained policy (one response sampled per
-held-out prompt, fixed seed, by one function for both), beside the starting policy's:
-the same speed only counts at the same learning.
+the rest of the step), the mean response length, the child's peak RSS, and the held-out
+gold reward of the trained policy (one response sampled per held-out prompt, fixed seed,
+by one function for both), beside the starting policy's: the same speed only counts at
+the same learning.
 
 Tiny model (default): the quickstart's SFT policy (`rlhf pipeline configs/quickstart.yaml
 --stages sft`, run once into --work), its task's prompts and tokenizer, the gold reward
