@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,13 @@ def heldout_gold(model_dir: str, spec: dict) -> float:
     return total / len(prompts)
 
 
+def final_gold(final: Path, spec: dict) -> float:
+    """`heldout_gold` of an exported policy, which is then deleted (SmolLM2: 0.5 GB a run)."""
+    gold = heldout_gold(str(final), spec)
+    shutil.rmtree(final)
+    return gold
+
+
 def ours_config(spec: dict):
     from rlhf.config import GRPOConfig, load_stage_config
 
@@ -145,7 +153,7 @@ def child_ours(spec: dict) -> None:
     trainer.export(trainer.out / "final")
     emit_run(spec, seconds, [a + b for a, b in zip(experience, learn)], gen_s=steady(generation),
              experience_s=steady(experience), learn_s=steady(learn), response_length=statistics.mean(lengths),
-             gold_start=gold_start, gold_end=heldout_gold(str(trainer.out / "final"), spec))
+             gold_start=gold_start, gold_end=final_gold(trainer.out / "final", spec))
 
 
 def trl_reward(task: str):
@@ -197,7 +205,7 @@ def child_trl(spec: dict) -> None:
     trainer.save_model(str(out / "final"))
     emit_run(spec, timer.seconds, timer.step_seconds, gen_s=steady(generation), experience_s=steady(experience),
              learn_s=steady([s - e for s, e in zip(timer.step_seconds, experience)]),
-             response_length=statistics.mean(lengths), gold_end=heldout_gold(str(out / "final"), spec))
+             response_length=statistics.mean(lengths), gold_end=final_gold(out / "final", spec))
 
 
 # ---------------------------------------------------------------- data and models
