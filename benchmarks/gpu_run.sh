@@ -1,19 +1,55 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/RESULTS.md, in one call on a lent GPU machine:
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".gpu"])
-# Writes JSON results under $OUT (or benchmarks/results/gpu when run by hand).
+# The GPU measurements of benchmarks/RESULTS.md in one call on a lent H100 (about 6-8 minutes,
+# installs included):
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".gpu"], timeout_s=600)
+# Build .gpu/wheels first with benchmarks/gpu_wheels.sh. Check the script on the CPU first,
+# same commands at toy sizes (fp32, a minute or two):
+#   bash benchmarks/gpu_run.sh --cpu
+#
+# 1. SFT, a 1.0B-parameter Llama-style model (hidden 2048, MLP 8192, 16 layers, 32 heads,
+#    8 key/value heads; Llama-3.2-1B's body with the task's vocabulary), bf16, packed rows of
+#    2048 tokens, FlashAttention-2 when installed (sdpa otherwise; the JSON says which):
+#    tokens/s, model-FLOP utilisation (6 x params x tokens / 989 TFLOP/s) and the held-out
+#    loss, ours beside TRL's SFTTrainer.
+# 2. PPO, the same 1.0B model as policy (and reference; value and reward models made from
+#    it), 64 prompts x 128 new tokens per step: episodes/s, ours beside TRL's PPOTrainer, and
+#    our split of a step (sampling + scoring, updates).
+# 3. `rlhf plan` of configs/llama-8b-zero3.yaml (8 GPUs), as a record beside the measurements.
+# Writes JSON under $OUT (benchmarks/results/gpu when run by hand).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-OUT=${OUT:-benchmarks/results/gpu}
+MODE=gpu
+if [[ "${1:-}" == "--cpu" || "${1:-}" == "--dry" ]]; then MODE=cpu; fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+if [[ $MODE == gpu ]]; then
+    OUT=${OUT:-benchmarks/results/gpu}
+    bash benchmarks/gpu_setup.sh 2>&1 | tail -1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    MODEL=(--hidden 2048 --intermediate 8192 --layers 16 --heads 32 --kv-heads 8)
+    SFT=(--batch 8 --max-length 2048 --long 80 --rows 480 --lr 3e-4 --precision bf16 --packing)
+    PPO=(--rollout 64 --micro 16 --response-length 128 --steps 5 --lr 1e-6 --precision bf16)
+    PLAN=(configs/llama-8b-zero3.yaml --num-gpus 8 --stages sft)
+    WORK=/tmp/rlhf-gpu
+    # Each part is cut off at its share of the call's 10 minutes (setup about 40 s): a part
+    # that runs over still prints the runs it finished.
+    SFT_LIMIT=(timeout 210) PPO_LIMIT=(timeout 180) PLAN_LIMIT=(timeout 60)
+else
+    OUT=${OUT:-/tmp/rlhf-gpu-dry/results}
+    MODEL=(--hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2)
+    SFT=(--batch 4 --max-length 256 --long 8 --rows 32 --lr 3e-4 --precision fp32 --packing)
+    PPO=(--rollout 8 --micro 4 --response-length 8 --steps 2 --lr 1e-6 --precision fp32)
+    PLAN=(configs/quickstart.yaml --device cpu --stages sft)
+    WORK=/tmp/rlhf-gpu-dry
+    SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=()
+fi
 mkdir -p "$OUT"
-bash benchmarks/gpu_setup.sh 2>&1 | tail -1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# SFT: a ~150M-parameter Llama-style model, ~270-token sequences, bf16.
-python3 benchmarks/bench_sft.py --repeats 2 --hidden 1024 --layers 16 --heads 16 --batch 32 --long 20 \
-    --rows 2000 --max-length 320 --lr 3e-4 --precision bf16 --out "$OUT/sft_gpu.json" 2>&1 | grep -E "^\||run "
-# PPO: a ~40M-parameter policy, 128 prompts x 64 new tokens per step, bf16.
-python3 benchmarks/bench_ppo.py --repeats 1 --hidden 512 --layers 8 --heads 8 --rollout 128 --micro 64 \
-    --response-length 64 --steps 8 --precision bf16 --out "$OUT/ppo_gpu.json" 2>&1 | grep -E "^\||run "
-# ZeRO-3 rollouts against ZeRO-0 on the GPU.
-python3 benchmarks/bench_rollout.py --hidden 1024 --layers 16 --heads 16 --batch 64 --new-tokens 128 \
-    --out "$OUT/rollout_gpu.json" 2>&1 | grep -E "^\||identical"
+start=$SECONDS
+echo "== SFT ($MODE)"
+"${SFT_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 "${MODEL[@]}" "${SFT[@]}" \
+    --out "$OUT/sft_1b.json" 2>&1 | grep -E "^\||run |Error|error" ; echo "sft: $((SECONDS - start)) s"
+echo "== PPO ($MODE)"
+"${PPO_LIMIT[@]}" $PY benchmarks/bench_ppo.py --work $WORK --repeats 1 "${MODEL[@]}" "${PPO[@]}" --phases \
+    --out "$OUT/ppo_1b.json" 2>&1 | grep -E "^\||run |Error|error" ; echo "ppo: $((SECONDS - start)) s"
+echo "== plan"
+"${PLAN_LIMIT[@]}" $PY -m rlhf.cli plan "${PLAN[@]}" 2>&1 \
+    | grep -v -i warn | tee "$OUT/plan_llama8b.txt" ; echo "total: $((SECONDS - start)) s"

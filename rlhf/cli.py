@@ -3,6 +3,7 @@
     rlhf sft|rm|ppo|grpo|rloo|reinforce|dpo CONFIG [key.sub=value ...] [--num-gpus N | --num-procs N]
                           [--hostfile F] [--no-ssh --node-rank R --master-addr A] [--dry-run]
     rlhf pipeline CONFIG [key=value ...] [--stages sft,rm,ppo | sft,rm,grpo | sft,grpo | sft,dpo] [launcher flags]
+    rlhf plan CONFIG [key=value ...] [--num-gpus N] [--num-nodes M] [--gpu-memory-gb 80]
 
 With one rank the stage runs in this process. With more, the command runs the
 stage script (`launch/<stage>.py`) under the `deepspeed` launcher and prints the
@@ -294,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="sft,rm,ppo",
                    help="run these stages in order, e.g. rm,ppo, sft,rm,grpo, sft,grpo (a function reward) or sft,dpo")
     add_launcher_args(p)
+    p = sub.add_parser("plan", help="per-GPU memory of each stage of a config, before launch")
+    p.add_argument("config", help="a single-stage (with --stages) or multi-stage config")
+    p.add_argument("overrides", nargs="*", help="key=value (shared) or stage.key=value; relative for one stage")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs per node")
+    p.add_argument("--num-nodes", type=int, default=None, help="nodes")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 bytes)")
+    p.add_argument("--stages", default=None, help="plan only these stages, e.g. sft,ppo")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda: fused attention kernels (FlashAttention, sdpa); cpu: the CPU's kernels")
     p = sub.add_parser("chat", help="talk to a trained policy")
     p.add_argument("model_dir")
     p.add_argument("--prompt", default=None, help="answer this once and exit")
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON result here")
     # `key=value` overrides may stand anywhere, also after launcher flags.
     argv = list(sys.argv[1:] if argv is None else argv)
-    takes_overrides = bool(argv) and argv[0] in (*STAGES, "pipeline")
+    takes_overrides = bool(argv) and argv[0] in (*STAGES, "pipeline", "plan")
     overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")] if takes_overrides else []
     args = parser.parse_args([a for a in argv if a not in overrides or a == argv[0]])
     if hasattr(args, "overrides"):
@@ -332,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
             return run_pipeline(args.config, args.overrides, stages, args)
+        if args.command == "plan":
+            from rlhf.plan import main as plan
+
+            return plan(args, args.overrides)
         if args.command == "chat":
             return chat(args)
         return evaluate(args)

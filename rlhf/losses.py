@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Number = float | torch.Tensor
 
@@ -75,6 +76,100 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def head_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False, chunk_tokens: int = 0,
+                  entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label) `(N,)` in float32 (and the entropy `(N,)` when asked) from the
+    hidden states `(N, H)` that the output layer `head` turns into logits, without ever
+    holding the logits of more than `chunk_tokens` positions.
+
+    The same numbers as `logprobs_from_logits(head(hidden).float() / temperature, labels)`
+    and `entropy_from_logits` of those logits, up to float32 rounding. With gradients
+    on, each chunk runs under activation checkpointing: its logits are dropped after the
+    forward and recomputed in the backward, so the backward too holds one chunk's
+    logits (and their gradient) at a time, for one more pass through the head.
+
+    Args:
+        hidden: `(N, H)` positions that predict `labels`, aligned (no shift here).
+        head: the output layer, called on `(n, H)` chunks. Pass the module (not its
+            weight): calling it is what lets ZeRO-3 gather a partitioned weight and
+            LoRA add its adapter.
+        labels: `(N,)` token ids.
+        temperature: logits are divided by it (the distribution tokens were sampled from).
+        with_entropy: also return the entropy at each position (else None).
+        chunk_tokens: positions per chunk; 0 (or >= N) computes all at once.
+        entropy_grad: with False the entropy is computed outside the autograd graph
+            (for logging), so the backward neither keeps nor recomputes its graph.
+    """
+    n = hidden.shape[0]
+    size = chunk_tokens if 0 < chunk_tokens < n else max(n, 1)
+    checkpointed = torch.is_grad_enabled() and size < n
+    outs = []
+    # One split (not slices): its backward writes each chunk's gradient into one
+    # (N, H) tensor, instead of a zero-filled (N, H) tensor per chunk.
+    for h, y in zip(hidden.split(size), labels.split(size)):
+        if checkpointed:
+            outs.append(checkpoint(_head_chunk, head, h, y, temperature, with_entropy, entropy_grad,
+                                   use_reentrant=False))
+        else:
+            outs.append(_head_chunk(head, h, y, temperature, with_entropy, entropy_grad))
+    logprobs = torch.cat([o[0] for o in outs]) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    entropy = (torch.cat([o[1] for o in outs]) if outs else torch.zeros_like(logprobs)) if with_entropy else None
+    return logprobs, entropy
+
+
+def _head_chunk(head, hidden: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool,
+                entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    lp, ent = _TokenLogprobs.apply(head(hidden), labels, temperature, with_entropy, entropy_grad)
+    return lp, ent if with_entropy else lp.new_zeros(0)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(label) and the entropy of softmax(logits / temperature), `(n, V) -> (n,), (n,)`,
+    in float32 whatever the logits' dtype, with a backward that writes the gradient of
+    the logits into one buffer:
+
+        d logp / dz = onehot(label) - p,    dH / dz = -p * (log p + H),    z = logits / T
+
+    Autograd's own graph (float copy, division, logsumexp, gather) keeps or creates
+    several `(n, V)` tensors; this keeps the logits and two float32 buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, with_entropy, entropy_grad):
+        z = logits.float() / temperature if temperature != 1.0 else logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        logprobs = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:  # H = lse - sum p * z, with p = exp(z - lse)
+            entropy = lse - torch.exp(z - lse.unsqueeze(-1)).mul_(z).sum(-1)
+            if not entropy_grad:
+                ctx.mark_non_differentiable(entropy)
+        ctx.temperature = temperature
+        ctx.save_for_backward(logits, labels, lse, entropy if entropy_grad else None)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        T = ctx.temperature
+        if grad_logprobs is None:
+            grad_logprobs = lse.new_zeros(lse.shape)
+        logp = (logits.float() / T if T != 1.0 else logits.float()) - lse.unsqueeze(-1)
+        grad = torch.exp(logp)  # p
+        if entropy is not None and grad_entropy is not None:
+            # -p * (g_lp + g_H * (log p + H)), in logp's buffer
+            coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprobs.unsqueeze(-1))
+            grad.mul_(coef).neg_()
+        else:
+            grad.mul_(-grad_logprobs.unsqueeze(-1))
+        del logp
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+        if T != 1.0:
+            grad.div_(T)
+        return grad.to(logits.dtype), None, None, None, None
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
             normalizer: Number | None = None) -> torch.Tensor:
     """Causal language-model loss on the masked target tokens.
@@ -89,12 +184,16 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
     Returns:
         Scalar loss: sum of NLL over counted targets / normalizer.
     """
-    nll = -logprobs_from_logits(logits[:, :-1], labels[:, 1:])
-    mask = loss_mask[:, 1:].to(nll.dtype)
-    total = masked_sum(nll, mask)
+    return nll_loss(logprobs_from_logits(logits[:, :-1], labels[:, 1:]), loss_mask[:, 1:], normalizer)
+
+
+def nll_loss(logprobs: torch.Tensor, mask: torch.Tensor, normalizer: Number | None = None) -> torch.Tensor:
+    """Summed negative log-likelihood of the masked target tokens divided by `normalizer`
+    (default: their count). `logprobs`, `mask`: `(B, T)` aligned (target t at column t)."""
+    mask = mask.to(logprobs.dtype)
     if normalizer is None:
         normalizer = mask.sum().clamp(min=1)
-    return total / normalizer
+    return -masked_sum(logprobs, mask) / normalizer
 
 
 # --------------------------------------------------------------------------- reward model

@@ -86,7 +86,7 @@ def require_model_type(model_type: str, supported: set[str], key: str, ability: 
                          f"(supported: {', '.join(sorted(supported))}); set {key}=false")
 
 
-def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None):
+def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None, dtype: torch.dtype | None = None):
     """The HF config to build or load with. Token ids are set on the model after loading
     (`_finish`): a pad id beyond the checkpoint's vocabulary in the config would reach
     embedding layers that take `padding_idx` from it (Llama's) before the resize."""
@@ -108,9 +108,28 @@ def _model_config(cfg: ModelConfig, tokenizer, num_labels: int | None = None):
                 setattr(config, key, cfg.dropout)
     if num_labels is not None:
         config.num_labels = num_labels
-    if cfg.attn_implementation is not None:
-        config._attn_implementation = cfg.attn_implementation
+    attn = attn_implementation(cfg.attn_implementation, config, dtype)
+    if attn is not None:
+        config._attn_implementation = attn
     return config
+
+
+def attn_implementation(requested: str | None, config, dtype: torch.dtype | None) -> str | None:
+    """`auto`: FlashAttention-2 on CUDA in bf16/fp16 when the `flash_attn` package is
+    installed and the family supports it; otherwise None, transformers' own choice (sdpa
+    where the family has it, else eager). Any other value is used as given."""
+    if requested != "auto":
+        return requested
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    if not (torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available()):
+        return None
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+    return "flash_attention_2" if getattr(cls, "_supports_flash_attn", False) else None
 
 
 def _finish(model: nn.Module, cfg: ModelConfig, tokenizer, stop_ids: list[int] | None = None) -> nn.Module:
@@ -155,7 +174,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.float
 
     from rlhf.model_source import model_dir
 
-    config = _model_config(cfg, tokenizer)
+    config = _model_config(cfg, tokenizer, dtype=dtype)
     if cfg.path is not None:
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg), config=config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
@@ -172,7 +191,7 @@ def load_scalar_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype = torch.fl
 
     from rlhf.model_source import model_dir
 
-    config = _model_config(cfg, tokenizer, num_labels=1)
+    config = _model_config(cfg, tokenizer, num_labels=1, dtype=dtype)
     if cfg.path is not None:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir(cfg), config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)

@@ -157,6 +157,30 @@ def test_sequence_logprobs_equal_in_every_layout(family, average, tokenizer):
                                                   for k in ("chosen_ids", "rejected_ids"))
 
 
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_pair_logprobs_through_head_chunks_equal_full_logits(shared_prefix, tokenizer):
+    """Values and gradients: the response positions through the LM head a few at a time
+    (rlhf.lm_head.picked_logprobs) against the full logits (logits_chunk_mib=0)."""
+    from rlhf.lm_head import chunk_tokens
+    from rlhf.models import load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(arch=dict(TINY_ARCHS["llama"]), dropout=0.0), tokenizer)
+    batch = collate_dpo(PAIRS, tokenizer.pad_token_id, shared_prefix=shared_prefix)
+    chunk_mib = 0.0005
+    assert 0 < chunk_tokens(model.config.vocab_size, chunk_mib) < batch["target_ids"].numel() / 3  # several chunks
+    runs = []
+    for mib in (0, chunk_mib):
+        model.zero_grad()
+        chosen, rejected = pair_logprobs(model, batch, "cpu", chunk_mib=mib)
+        (chosen - 0.5 * rejected).sum().backward()
+        runs.append((chosen.detach(), rejected.detach(),
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (c0, r0, g0), (c1, r1, g1) = runs
+    assert torch.allclose(c1, c0, atol=1e-5) and torch.allclose(r1, r0, atol=1e-5)
+    assert g1.keys() == g0.keys() and all(torch.allclose(g1[n], g0[n], atol=1e-5) for n in g0)
+
+
 def test_prompt_length_marks_the_response_in_every_pair_format(tmp_path, tokenizer):
     from rlhf.config import DataConfig
     from rlhf.data.formats import tokenize_pairs

@@ -179,3 +179,18 @@ def test_shared_prefix_refuses_unknown_families_and_other_attention(tmp_path):
                                        "reward.shared_prefix=false"])
     with pytest.raises(ConfigError, match="data.packing: packing pairs side by side in rows needs"):
         load_stage_config(RMConfig, None, [*base, "data.packing=true", "reward.shared_prefix=false"])
+
+
+def test_attention_auto_picks_flash_attention_only_where_it_runs(monkeypatch):
+    from transformers import AutoConfig
+
+    from rlhf.models import attn_implementation
+
+    llama, bloom = AutoConfig.for_model("llama"), AutoConfig.for_model("bloom")
+    assert attn_implementation("auto", llama, torch.bfloat16) is None  # no CUDA here: transformers' choice (sdpa)
+    assert attn_implementation("eager", llama, torch.float32) == "eager"  # other values pass through
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)
+    assert attn_implementation("auto", llama, torch.bfloat16) == "flash_attention_2"
+    assert attn_implementation("auto", llama, torch.float32) is None  # FlashAttention has no fp32 kernels
+    assert attn_implementation("auto", bloom, torch.bfloat16) is None  # a family without FlashAttention support

@@ -180,6 +180,30 @@ def test_fit_trains_with_setup_objects_out_of_the_collectors_walk(tmp_path, sft_
     assert seen["frozen"] > 10000 and gc.get_freeze_count() == 0
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_padding_free_rows_give_the_padded_losses(packing, tmp_path, sft_data, tokenizer_dir, backbone):
+    """Each micro-batch as one row without padding (what FlashAttention-2 runs as
+    variable-length sequences on a GPU; here sdpa with transformers' block mask)."""
+    runs = {}
+    for flat in ("false", "true"):
+        out = tmp_path / flat
+        trainer = SFTTrainer(make_cfg(out, sft_data, tokenizer_dir, "train.max_steps=3", f"data.packing={packing}",
+                                      f"data.padding_free={flat}"), backbone)
+        trainer.fit()
+        assert trainer.padding_free == (flat == "true")
+        runs[flat] = losses(out / "out")
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
+
+
+def test_padding_free_is_off_unless_flash_attention_and_refused_for_unknown_families(tmp_path, sft_data,
+                                                                                   tokenizer_dir, backbone):
+    trainer = SFTTrainer(make_cfg(tmp_path, sft_data, tokenizer_dir), backbone)
+    trainer.setup()  # the CPU runs sdpa: auto keeps padded rows
+    assert trainer.padding_free is False and trainer.collate(trainer.data.train[:2])["attention_mask"] is not None
+    with pytest.raises(ValueError, match="data.padding_free: model type 'gpt2' is not known to keep samples"):
+        SFTTrainer(make_cfg(tmp_path / "b", sft_data, tokenizer_dir, "data.padding_free=true", family="gpt2"),
+                   backbone).setup()
+
 def test_wandb_offline_logs_and_resumes_the_same_run(tmp_path, sft_data, tokenizer_dir, backbone):
     """logging.wandb with mode offline: no network, the run written under OUTPUT_DIR/wandb,
     the real metrics in it, and a resumed stage continues the same W&B run."""

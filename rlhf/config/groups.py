@@ -40,12 +40,21 @@ class ModelConfig:
     e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2}. Exclusive with `path`."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust it."""
-    attn_implementation: str | None = None
-    """HF attention backend (sdpa, eager, flash_attention_2); None lets transformers choose."""
+    attn_implementation: str | None = "auto"
+    """HF attention backend (sdpa, eager, flash_attention_2, ...). `auto`: FlashAttention-2
+    on CUDA in bf16/fp16 when the flash_attn package is installed and the family
+    supports it, else transformers' choice (sdpa where the family has it); None: always
+    transformers' choice. The RM's shared-prefix layout needs sdpa or eager (`auto`
+    picks sdpa there)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     dropout: float | None = None
     """Set every dropout probability in the model config to this; None keeps the model's own."""
+    logits_chunk_mib: float = 256
+    """Causal LMs: log-probabilities and losses run the LM head over chunks of positions
+    whose float32 logits take at most this many MiB (forward and backward), instead of
+    materialising all `(batch, tokens, vocabulary)` logits; the same numbers up to
+    rounding. 0 computes all logits at once. See rlhf/lm_head.py."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, v: Validator) -> None:
@@ -58,6 +67,7 @@ class ModelConfig:
             v.check("model_type" in self.arch, "arch", "needs a model_type, e.g. llama, gpt2, opt")
         if self.dropout is not None:
             v.check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        v.check(self.logits_chunk_mib >= 0, "logits_chunk_mib", f"must be >= 0, got {self.logits_chunk_mib}")
         v.sub("lora", self.lora)
 
 
@@ -140,6 +150,14 @@ class DataConfig:
     """What to do with a sample over max_length. SFT: `right` cuts the response, `drop`
     drops the sample. RM: `left` cuts the prompt from its start, `drop` drops the pair.
     A sample whose prompt alone does not fit is always dropped and counted."""
+    padding_free: bool | None = None
+    """SFT: lay each micro-batch's samples end to end in one row, with position ids that
+    restart at every sample and no padding at all; with FlashAttention-2 the model runs
+    them as variable-length sequences (no attention across samples). The same loss as
+    padded rows. None turns it on where it pays: when the model runs FlashAttention-2
+    and its family keeps samples apart by position ids (PADDING_FREE_MODEL_TYPES in
+    rlhf/trainers/sft.py). With sdpa or eager it works too, but then transformers builds
+    a (tokens x tokens) mask over the row, which costs more than the padding it saves."""
     packing: bool = False
     """Pack several samples into each sequence; attention never crosses samples. SFT:
     samples joined up to max_length. RM (with reward.shared_prefix): each micro-batch's
@@ -226,6 +244,12 @@ class DeepSpeedConfig:
     """Keep optimizer states on the CPU (ZeRO-Offload; needs zero_stage >= 1)."""
     offload_params: bool = False
     """Keep parameters on the CPU between uses (needs zero_stage 3)."""
+    zero_hpz_partition_size: int = 1
+    """ZeRO++ hierarchical partitioning (zero_stage 3, several nodes): each rank also
+    keeps a secondary shard of the parameters partitioned over groups of this many GPUs
+    (set it to the GPUs per node), so that the forward and backward gathers stay inside
+    a node and only the first gather of a step crosses nodes; costs one more copy of
+    the parameters divided by this number. 1 turns it off. Must divide the ranks."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Merged last into the generated DeepSpeed JSON, for settings not named here
     (e.g. {zero_optimization: {reduce_bucket_size: 5e8}})."""
@@ -235,6 +259,10 @@ class DeepSpeedConfig:
         v.check(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
                 "needs zero_stage >= 1")
         v.check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+        v.check(self.zero_hpz_partition_size >= 1, "zero_hpz_partition_size",
+                f"must be >= 1, got {self.zero_hpz_partition_size}")
+        v.check(self.zero_hpz_partition_size == 1 or self.zero_stage == 3, "zero_hpz_partition_size",
+                "hierarchical partitioning needs zero_stage 3")
 
     def validate_trainable(self, v: Validator) -> None:
         """Checks for an engine that trains (frozen models may run bf16 without ZeRO)."""

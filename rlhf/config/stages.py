@@ -114,8 +114,9 @@ class RMConfig(BaseStageConfig):
         v.sub("reward", self.reward)
         v.check(not self.data.packing or self.reward.shared_prefix, "data.packing",
                 "packing pairs side by side in rows needs reward.shared_prefix=true (its attention mask)")
+        v.check(self.data.padding_free is not True, "data.padding_free", "applies to SFT only")
         if self.reward.shared_prefix:
-            v.check(self.model.attn_implementation in (None, "sdpa", "eager"), "model.attn_implementation",
+            v.check(self.model.attn_implementation in (None, "auto", "sdpa", "eager"), "model.attn_implementation",
                     f"reward.shared_prefix needs a custom attention mask, which sdpa and eager take and "
                     f"{self.model.attn_implementation} does not; use sdpa or set reward.shared_prefix=false")
 
@@ -403,6 +404,7 @@ class OnPolicyConfig(BaseStageConfig):
         v.sub(self.hparams, getattr(self, self.hparams))
         v.check(self.data.truncation in ("left", "drop"), "data.truncation",
                 f"{self.stage.upper()} prompts support left (keep the end) or drop, got {self.data.truncation}")
+        v.check(self.data.padding_free is not True, "data.padding_free", "applies to SFT only")
         rows = self.rollout.batch_size * self.rollout.n
         v.check(rows % self.train.global_batch_size == 0, "rollout.batch_size",
                 f"{self.rollout.batch_size}{f' x rollout.n ({self.rollout.n})' if self.rollout.n != 1 else ''} "
@@ -580,9 +582,10 @@ class DPOConfig(BaseStageConfig):
                 "model.path (a model built from model.arch cannot be rebuilt); set ref_model or use precompute")
         v.check(not self.data.packing or self.dpo.shared_prefix, "data.packing",
                 "packing pairs side by side in rows needs dpo.shared_prefix=true (its attention mask)")
+        v.check(self.data.padding_free is not True, "data.padding_free", "applies to SFT only")
         if self.dpo.shared_prefix:
             for key, m in (("model", self.model), ("ref_model", self.ref_model)):
-                v.check(m.attn_implementation in (None, "sdpa", "eager"), f"{key}.attn_implementation",
+                v.check(m.attn_implementation in (None, "auto", "sdpa", "eager"), f"{key}.attn_implementation",
                         f"dpo.shared_prefix needs a custom attention mask, which sdpa and eager take and "
                         f"{m.attn_implementation} does not; use sdpa or set dpo.shared_prefix=false")
 

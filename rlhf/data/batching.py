@@ -125,6 +125,19 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
 
 
+def collate_sft_flat(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """All samples end to end in one row `(1, N)`, N their total length: no padding.
+    `position_ids` restart at every sample (packed examples bring their own), and there
+    is no attention mask: FlashAttention-2 then runs each sample as its own sequence
+    (variable-length), other backends get a block-diagonal mask from transformers. A
+    sample's first token has loss mask 0, so no sample is predicted from the one before."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    loss_mask = [m for e in examples for m in e["loss_mask"]]
+    pos = [p for e in examples for p in e.get("position_ids", range(len(e["input_ids"])))]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": None, "loss_mask": torch.tensor([loss_mask]),
+            "position_ids": torch.tensor([pos])}
+
+
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one batch `(2B, T)`, so one forward pass scores both."""
     seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]

@@ -23,9 +23,9 @@ import contextlib
 
 import torch
 
-from rlhf.config import RolloutConfig
+from rlhf.config import ModelConfig, RolloutConfig
 from rlhf.data.batching import cat_padded
-from rlhf.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.lm_head import causal_logprobs
 from rlhf.models import position_ids_from_mask
 
 
@@ -280,26 +280,19 @@ def full_sequence(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False):
+                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
+                      chunk_mib: float = ModelConfig.logits_chunk_mib):
     """Log-probabilities `(B, R)` of the response tokens under a causal LM (and their
-    entropy `(B, R)` when asked; without `entropy_grad` it is computed outside the
-    autograd graph, for logging only). Logits are divided by the sampling temperature
-    so that they describe the distribution the tokens were drawn from."""
-    # Only the positions that predict response tokens go through the LM head.
-    response_width = input_ids.shape[1] - prompt_width
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=response_width + 1)
-    logits = out.logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_width:])
-    if with_entropy:
-        if entropy_grad:
-            return logprobs, entropy_from_logits(logits)
-        with torch.no_grad():
-            return logprobs, entropy_from_logits(logits)
-    return logprobs
+    entropy `(B, R)` with `with_entropy`; without `entropy_grad` it is computed outside
+    the autograd graph, for logging only). Logits are divided by the sampling temperature so that they describe
+    the distribution the tokens were drawn from. Only action tokens (the response part
+    of `attention_mask`) go through the LM head, `chunk_mib` MiB of float32 logits at a
+    time (rlhf.lm_head); other columns are 0. Leave `with_entropy` off unless the
+    entropy is used: it costs a pass over every chunk's logits."""
+    logprobs, entropy = causal_logprobs(model, input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                                        prompt_width, attention_mask[:, prompt_width:], temperature, with_entropy,
+                                        entropy_grad, chunk_mib)
+    return (logprobs, entropy) if with_entropy else logprobs
 
 
 def response_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:

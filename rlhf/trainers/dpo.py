@@ -28,7 +28,8 @@ import torch
 
 from rlhf.config import DPOConfig, ModelConfig, RolloutConfig
 from rlhf.data.batching import collate_pairs, collate_pairs_shared_prefix, collate_prompts, common_prefix_length
-from rlhf.losses import dpo_loss, logprobs_from_logits, sequence_logprobs
+from rlhf.lm_head import picked_logprobs
+from rlhf.losses import dpo_loss, sequence_logprobs
 from rlhf.models import (apply_lora, custom_attention_mask, load_causal_lm, model_type, position_ids_from_mask,
                          save_pretrained)
 from rlhf.rollout import generate, is_stop, torch_linear
@@ -83,6 +84,9 @@ class DPOTrainer(Trainer):
         if role == "ref_policy":
             m = cfg.ref_model if cfg.has_own_reference() else dataclasses.replace(
                 m, lora=dataclasses.replace(m.lora, r=0), gradient_checkpointing=False)
+        if cfg.dpo.shared_prefix and m.attn_implementation == "auto":
+            # The shared-prefix layout needs a custom mask, which FlashAttention does not take.
+            m = dataclasses.replace(m, attn_implementation="sdpa")
         return dataclasses.replace(m, dropout=0.0) if cfg.dpo.disable_dropout else m
 
     def load_reference(self):
@@ -179,7 +183,8 @@ class DPOTrainer(Trainer):
 
     def sequence_logprobs(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected log-probs `(B,)` of a batch under `engine` (one forward pass)."""
-        return pair_logprobs(engine, batch, self.backbone.device, self.cfg.dpo.length_normalized)
+        chunk_mib = self.role_model("policy" if engine is self.policy else "ref_policy").logits_chunk_mib
+        return pair_logprobs(engine, batch, self.backbone.device, self.cfg.dpo.length_normalized, chunk_mib)
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's chosen and rejected log-probs `(B,)`: precomputed, or a frozen pass."""
@@ -298,21 +303,22 @@ def collate_dpo(examples: list[dict], pad_id: int, shared_prefix: bool = True, p
     return batch
 
 
-def pair_logprobs(model, batch: dict[str, torch.Tensor], device,
-                  average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, batch: dict[str, torch.Tensor], device, average: bool = False,
+                  chunk_mib: float = ModelConfig.logits_chunk_mib) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected sequence log-probs `(B,)` of a `DPOTrainer.collate` batch under a
     causal LM (plain, PEFT or a DeepSpeed engine), from one forward pass: summed over
-    response tokens, or averaged with `average`. The LM head runs only from the first
-    column that predicts a response token, and log-softmax only where one is predicted."""
+    response tokens, or averaged with `average`. The LM head runs only on the positions
+    that predict a response token, `chunk_mib` MiB of float32 logits at a time
+    (rlhf.lm_head.picked_logprobs)."""
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     if mask.dim() == 4:
         mask = custom_attention_mask(model, mask)
     cols = batch["target_cols"].to(device)
     start = int(cols.min())
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"].to(device),
-                   use_cache=False, logits_to_keep=ids.shape[1] - start).logits
-    picked = logits[batch["target_rows"].to(device), cols - start]  # (N, V): one row per response token
-    token_logprobs = logprobs_from_logits(picked, batch["target_ids"].to(device))
+    token_logprobs = picked_logprobs(model, batch["target_rows"].to(device), cols - start,
+                                     batch["target_ids"].to(device), chunk_mib, input_ids=ids, attention_mask=mask,
+                                     position_ids=batch["position_ids"].to(device), use_cache=False,
+                                     logits_to_keep=ids.shape[1] - start)
     n = num_pairs(batch)
     seq = sequence_logprobs(token_logprobs, batch["target_seq"].to(device), 2 * n, average)
     return seq[:n], seq[n:]

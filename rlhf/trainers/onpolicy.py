@@ -212,11 +212,15 @@ class OnPolicyTrainer(Trainer):
                                                   rollout.action_mask)
         P, T = rollout.prompt_ids.shape[1], self.cfg.rollout.temperature
         chunk = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+        policy_chunk = self.cfg.policy.model.logits_chunk_mib
         passes = []
         if rollout.logprobs is None:
-            passes.append(("logprobs", "policy", lambda m, ids, mask: response_logprobs(m, ids, mask, P, T)))
+            passes.append(("logprobs", "policy", lambda m, ids, mask: response_logprobs(
+                m, ids, mask, P, T, chunk_mib=policy_chunk)))
         if self.ref_policy is not None:
-            passes.append(("ref_logprobs", "ref_policy", lambda m, ids, mask: response_logprobs(m, ids, mask, P, T)))
+            ref_chunk = self.role_model("ref_policy").logits_chunk_mib
+            passes.append(("ref_logprobs", "ref_policy", lambda m, ids, mask: response_logprobs(
+                m, ids, mask, P, T, chunk_mib=ref_chunk)))
         if self.value is not None:
             passes.append(("values", "value", lambda m, ids, mask: response_values(m, ids, mask, P)))
         if self.reward is not None:
@@ -314,7 +318,7 @@ class OnPolicyTrainer(Trainer):
             P = mb.prompt_ids.shape[1]
             out = response_logprobs(self.policy, input_ids, attention_mask, P, self.cfg.rollout.temperature,
                                     with_entropy=self.entropy_logged or entropy_in_loss,
-                                    entropy_grad=entropy_in_loss)
+                                    entropy_grad=entropy_in_loss, chunk_mib=self.cfg.policy.model.logits_chunk_mib)
             logprobs, entropy = out if isinstance(out, tuple) else (out, None)
             loss, stats = algo.policy_loss(mb, logprobs, entropy, counts, scale)
             if self.has_extra_policy_loss():

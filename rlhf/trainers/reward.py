@@ -3,6 +3,7 @@ with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -24,10 +25,14 @@ class RewardTrainer(Trainer):
 
     def build_models(self) -> None:
         cfg, bb = self.cfg, self.backbone
+        model_cfg = cfg.model
         if cfg.reward.shared_prefix:
             check_shared_prefix_supported(model_type(cfg.model))
+            if model_cfg.attn_implementation == "auto":
+                # The shared-prefix layout needs a custom mask, which FlashAttention does not take.
+                model_cfg = dataclasses.replace(model_cfg, attn_implementation="sdpa")
         with bb.model_init(cfg.deepspeed):
-            model = load_scalar_model(cfg.model, self.tokenizer, self.dtype, self.stop_ids)
+            model = load_scalar_model(model_cfg, self.tokenizer, self.dtype, self.stop_ids)
         model = ScalarModel(apply_lora(model, cfg.model.lora, "SEQ_CLS"))
         self.reward = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import SFTConfig
-from rlhf.data.batching import collate_sft
-from rlhf.losses import lm_loss
+from rlhf.data.batching import collate_sft, collate_sft_flat
+from rlhf.lm_head import causal_logprobs
+from rlhf.losses import nll_loss
 from rlhf.models import apply_lora, load_causal_lm, model_type, require_model_type, save_pretrained
 from rlhf.trainers.base import Trainer
 
@@ -23,39 +24,48 @@ class SFTTrainer(Trainer):
 
     def build_models(self) -> None:
         cfg, bb = self.cfg, self.backbone
+        family = model_type(cfg.model)
         if cfg.data.packing:
-            check_packing_supported(model_type(cfg.model))
+            check_packing_supported(family)
+        if cfg.data.padding_free:
+            require_model_type(family, PADDING_FREE_MODEL_TYPES, "data.padding_free",
+                               "keep samples in one row apart by their position ids")
         with bb.model_init(cfg.deepspeed):
             model = load_causal_lm(cfg.model, self.tokenizer, self.dtype, self.stop_ids)
+        self.padding_free = cfg.data.padding_free
+        if self.padding_free is None:
+            self.padding_free = (model.config._attn_implementation == "flash_attention_2"
+                                 and family in PADDING_FREE_MODEL_TYPES)
         model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
         self.policy = bb.wrap(model, cfg.deepspeed, cfg.optim, cfg.train.micro_batch_size, self.accumulation,
                               self.total_steps)
         self.engines = {"policy": self.policy}
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return collate_sft_flat(examples)
         return collate_sft(examples, self.tokenizer.pad_token_id)
 
-    def forward_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Logits of the positions that predict a target token, and the first such position.
+    def target_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of the target tokens `(B, T - first)` and their loss mask, from `first`,
+        the batch's first column that holds a target.
 
-        Positions before the batch's first target predict nothing we train on, so the LM
-        head skips them (`logits_to_keep`): on SFT data, where prompts are a large share,
-        this saves head compute and the memory of their (T x vocabulary) logits.
+        Only target positions go through the LM head (prompt and padding positions
+        predict nothing we train on), in chunks of model.logits_chunk_mib MiB of logits
+        (rlhf/lm_head.py): the full (tokens x vocabulary) logits never exist.
         """
         dev = self.backbone.device
-        start = first_target(batch["loss_mask"]) - 1
-        out = self.policy(input_ids=batch["input_ids"].to(dev),
-                          attention_mask=None if batch["attention_mask"] is None else batch["attention_mask"].to(dev),
-                          position_ids=batch["position_ids"].to(dev), use_cache=False,
-                          logits_to_keep=batch["input_ids"].shape[1] - start)
-        return out.logits, start
+        first = first_target(batch["loss_mask"])
+        mask = batch["loss_mask"][:, first:].to(dev)
+        attention_mask = None if batch["attention_mask"] is None else batch["attention_mask"].to(dev)
+        logprobs, _ = causal_logprobs(self.policy, batch["input_ids"].to(dev), attention_mask,
+                                      batch["position_ids"].to(dev), first, mask,
+                                      chunk_mib=self.cfg.model.logits_chunk_mib)
+        return logprobs, mask
 
     def compute_loss(self, batch: dict[str, torch.Tensor], normalizer: float | None) -> torch.Tensor:
         """Summed response-token NLL of this micro-batch divided by `normalizer`."""
-        logits, start = self.forward_logits(batch)
-        dev = logits.device
-        return lm_loss(logits, batch["input_ids"][:, start:].to(dev), batch["loss_mask"][:, start:].to(dev),
-                       normalizer)
+        return nll_loss(*self.target_logprobs(batch), normalizer)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         bb = self.backbone
@@ -121,3 +131,8 @@ def check_packing_supported(model_type: str) -> None:
 
 
 PACKING_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2"}
+
+PADDING_FREE_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+"""Families whose attention takes position ids through to FlashAttention-2's
+variable-length path and whose sdpa/eager masks transformers builds from them
+(tests/test_sft.py checks the same loss as padded rows on the CPU)."""
