@@ -54,6 +54,7 @@ class OnPolicyTrainer(Trainer):
         self.progress_keys = [f"{s}/score", f"{s}/kl", f"{s}/episodes_per_s"]
         self.timers: dict[str, float] = {}
         self.entropy_logged = True
+        self.evaluating = False  # make_experience for evaluate: no update follows, old log-probs are scored
 
     # ================================================================== setup
 
@@ -163,9 +164,11 @@ class OnPolicyTrainer(Trainer):
             # 4. rewards, then advantages (and returns)
             exp.rewards = self.compute_rewards(exp)
             exp.advantages, exp.returns = self.compute_advantages(exp)
-            metrics = self.experience_metrics(exp)
             # 5. epochs over shuffled minibatches: losses, backward, step of each trained model
-            metrics.update(self.learn(exp))
+            learned = self.learn(exp)
+            # after learn: without the old-log-prob pass the update fills exp.logprobs (for the KL)
+            metrics = self.experience_metrics(exp)
+            metrics.update(learned)
             # 6. the rollout engine samples from the new weights next time
             self.engine.sync_weights(self.policy)
             self.after_step(metrics)
@@ -199,7 +202,7 @@ class OnPolicyTrainer(Trainer):
         scores = self.rewards.score(passes.get("scores"), texts, responses, rollout.rows)
         self.timers.update({f"time/reward_{k}_s": v for k, v in self.rewards.timings.items()})
         return Experience(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.action_mask,
-                          passes["logprobs"], passes.get("ref_logprobs"), passes.get("values"),
+                          passes.get("logprobs"), passes.get("ref_logprobs"), passes.get("values"),
                           scores.to(rollout.prompt_ids.device), texts, rollout.rows)
 
     @torch.no_grad()
@@ -207,14 +210,15 @@ class OnPolicyTrainer(Trainer):
         """Policy and reference log-probs, values `(B, R)` and reward-model scores `(B,)`.
         Each model runs over the whole batch in chunks before the next starts, so under
         ZeRO-3 its weights are gathered once for all chunks. The policy's pass is
-        skipped when its log-probs came with the responses."""
+        skipped when its log-probs came with the responses, or when the update will
+        give them (`old_logprobs_from_update`; then there is no "logprobs" entry)."""
         input_ids, attention_mask = full_sequence(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                                   rollout.action_mask)
         P, T = rollout.prompt_ids.shape[1], self.cfg.rollout.temperature
         chunk = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
         policy_chunk = self.cfg.policy.model.logits_chunk_mib
         passes = []
-        if rollout.logprobs is None:
+        if rollout.logprobs is None and not self.old_logprobs_from_update():
             passes.append(("logprobs", "policy", lambda m, ids, mask: response_logprobs(
                 m, ids, mask, P, T, chunk_mib=policy_chunk)))
         if self.ref_policy is not None:
@@ -240,6 +244,19 @@ class OnPolicyTrainer(Trainer):
         if rollout.logprobs is not None:
             out["logprobs"] = rollout.logprobs
         return out
+
+    def old_logprobs_from_update(self) -> bool:
+        """Whether the policy's "old" log-probs come from the update's own forward
+        (detached, as in TRL's GRPOTrainer) instead of a scoring pass. Exact, hence no
+        knob: with one optimizer step per rollout batch (one epoch, one minibatch) every
+        micro-batch of that step runs on the weights that sampled the rollout, and with
+        dropout off the train-mode forward computes what the scoring pass would (up to
+        the rounding of another batch shape); the ratio new/old is then 1 by
+        construction. Not when the rewards read the old log-probs before the update (a
+        KL in the reward: PPO, REINFORCE++, RLOO's kl_in=reward), nor for evaluation."""
+        hp = self.algorithm.hp
+        return (not self.evaluating and hp.epochs == 1 and self.minibatches == 1 and hp.disable_dropout
+                and not self.algorithm.rewards_use_logprobs)
 
     # ------------------------------------------------------------------ 4. rewards and advantages
 
@@ -277,6 +294,9 @@ class OnPolicyTrainer(Trainer):
         epochs = self.algorithm.hp.epochs
         totals: dict[str, float] = {}
         seen: dict[str, int] = {}
+        # No old-log-prob pass ran (old_logprobs_from_update): train_step fills each micro-batch's.
+        from_update = exp.logprobs is None
+        old_logprobs = torch.zeros(exp.action_mask.shape, device=exp.action_mask.device) if from_update else None
         self.update_time = {"policy": 0.0, "value": 0.0}
         for epoch in range(epochs):
             # A generator of its own: the order depends on (seed, step, epoch, rank) only,
@@ -288,13 +308,19 @@ class OnPolicyTrainer(Trainer):
                 micro_batches = [exp.select(idx[j:j + micro]) for j in range(0, per_rank, micro)]
                 self.entropy_logged = epoch == 0 and k == 0  # a subsample for the log: see train_step
                 stats = self.train_step(micro_batches)
+                if from_update:
+                    for j, mb in zip(range(0, per_rank, micro), micro_batches):
+                        old_logprobs[idx[j:j + micro].to(old_logprobs.device)] = mb.logprobs
                 if epoch == 0 and k == 0:
-                    # Nothing has been updated yet: new and old log-probs must agree.
+                    # Nothing has been updated yet: new and old log-probs must agree (exactly
+                    # 1 when the old ones are the update's own, old_logprobs_from_update).
                     totals[f"{self.stage}/ratio_at_start"] = stats[f"{self.stage}/ratio"]
                     seen[f"{self.stage}/ratio_at_start"] = 1
                 for key, v in stats.items():
                     totals[key] = totals.get(key, 0.0) + v
                     seen[key] = seen.get(key, 0) + 1
+        if from_update:
+            exp.logprobs = old_logprobs
         out = {k: v / seen[k] for k, v in totals.items()}
         out["time/policy_update_s"] = self.update_time["policy"]
         if self.value is not None:
@@ -320,6 +346,8 @@ class OnPolicyTrainer(Trainer):
                                     with_entropy=self.entropy_logged or entropy_in_loss,
                                     entropy_grad=entropy_in_loss, chunk_mib=self.cfg.policy.model.logits_chunk_mib)
             logprobs, entropy = out if isinstance(out, tuple) else (out, None)
+            if mb.logprobs is None:  # old_logprobs_from_update: the weights have not moved yet
+                mb.logprobs = logprobs.detach()
             loss, stats = algo.policy_loss(mb, logprobs, entropy, counts, scale)
             if self.has_extra_policy_loss():
                 loss = loss + self.extra_policy_loss()
@@ -408,6 +436,7 @@ class OnPolicyTrainer(Trainer):
         # One response per prompt; `n` only passed where it differs, so that overrides of
         # make_experience(prompts) written for PPO keep working.
         one = {} if cfg.rollout.n == 1 else {"n": 1}
+        self.evaluating = True
         with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
             for idx, real in self.eval_index_batches(len(self.data.eval), size):
                 # Every rank samples and scores batches of the same sizes (its passes are
@@ -421,6 +450,7 @@ class OnPolicyTrainer(Trainer):
                 sums["eos_rate"] += self.has_eos(exp).sum().item()
                 sums["gold_reward"] += sum(self.gold_rewards(exp)) if self.gold_reward is not None else 0.0
                 sums["n"] += real
+        self.evaluating = False
         s = self.sum_over_ranks(sums)
         n = max(s.pop("n"), 1.0)
         if self.gold_reward is None:
