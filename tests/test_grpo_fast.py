@@ -1,5 +1,6 @@
 """Exact speed-ups of the group stages: the update's own forward standing in for the
-old-log-prob pass (OnPolicyTrainer.old_logprobs_from_update)."""
+old-log-prob pass (OnPolicyTrainer.old_logprobs_from_update), and each group's prompt
+computed once (rollout.shared_prefix, rlhf/rollout/groups.py)."""
 
 import pytest
 import torch
@@ -120,3 +121,37 @@ def test_group_layout_gives_the_separate_rows_logprobs_and_values(tokenizer, att
     a = torch.autograd.grad(lp, list(policy.parameters()))
     b = torch.autograd.grad(group_logprobs(policy, layout, chunk_mib=1.0).sum(), list(policy.parameters()))
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
+
+
+def test_grpo_run_is_the_same_with_and_without_the_shared_prefix(tmp_path, models, prompts_with_answers,
+                                                                  backbone):  # noqa: F811
+    """Two steps of two epochs over one minibatch (the order within it changes no sum):
+    the same scores, KL, losses, gradient norms and weights, both layouts. Micro-batches
+    of 8 rows hold 2 groups of 4; the scoring passes run in chunks of 6 rows, so groups
+    of gcd(6, 4) = 2."""
+    extra = ("grpo.epochs=2", "train.max_steps=2", "train.eval_batch_size=6")
+    runs = {}
+    for on in ("true", "false"):
+        out = tmp_path / on
+        trainer, _ = one_step(out, models, prompts_with_answers, GRPOTrainer, backbone, *extra,
+                              f"rollout.shared_prefix={on}")
+        assert trainer.shared_prefix == (on == "true") and trainer.group_size(8) == (4 if on == "true" else 1)
+        runs[on] = [r for r in metrics(out) if "grpo/score" in r], load_file(out / "final" / "model.safetensors")
+    (a, wa), (b, wb) = runs["true"], runs["false"]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["grpo/score"] == rb["grpo/score"]  # the same responses
+        for key in ("grpo/kl", "grpo/policy_loss", "grpo/kl_loss", "grpo/policy_grad_norm", "grpo/entropy",
+                    "grpo/ratio_at_start"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_shared_prefix_needs_a_custom_mask(tmp_path, models, prompts_with_answers):  # noqa: F811
+    from rlhf.config import ConfigError
+
+    reward = f"reward.function={prompts_with_answers / 'reward.py'}:score"
+    args = overrides(tmp_path, models, prompts_with_answers, reward, "policy.model.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match="rollout.shared_prefix needs a custom attention mask"):
+        load_stage_config(GRPOConfig, None, args)
+    load_stage_config(GRPOConfig, None, args + ["rollout.shared_prefix=false"])
