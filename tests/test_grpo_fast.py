@@ -65,6 +65,7 @@ def test_ppo_keeps_the_old_logprob_pass(tmp_path, models, task_dir, backbone):  
     trainer.fit()
     row = [r for r in metrics(tmp_path) if "ppo/score" in r][0]
     assert not trainer.old_logprobs_from_update() and "time/score_policy_s" in row
+    assert not trainer.shared_prefix and trainer.group_size(4) == 1  # n = 1: separate rows
 
 
 # ---------------------------------------------------------------- the shared-prefix layout of a group
