@@ -11,9 +11,11 @@ scale_rewards="group"). The KL to the reference, when --beta > 0, is k3 in the l
 both (TRL's only form; ours `grpo.kl_in=loss`). Each framework runs in its own child
 process, alternately; medians are reported.
 
-One difference in work: updating once per rollout, TRL takes the "old" log-probs as the
-new ones detached and skips a policy pass over the rollout; ours makes that pass unless
-`--ours rollout.logprobs_from_generation=true` (read off the sampler's logits instead).
+Updating once per rollout, both take the "old" log-probs as the update's own, detached,
+and make no policy pass over the rollout (ours: OnPolicyTrainer.old_logprobs_from_update).
+One difference in work: ours computes each prompt once per group of G responses in the
+reference pass and the update (rollout.shared_prefix, on by default; `--ours
+rollout.shared_prefix=false` runs every row `prompt + response` on its own, as TRL does).
 
 Measured: episodes (one sampled response each) per second over the training loop (ours:
 `train()` after setup; TRL: its train-begin to train-end events, so model loading and

@@ -213,9 +213,11 @@ class RolloutConfig:
     log-probs, values and gradients are those of separate rows, up to float rounding;
     minibatches are then shuffled by whole groups. A batch of rows (a micro-batch, a
     scoring chunk) holds groups of gcd(its rows, n): micro-batches of 4 with n = 8 put
-    4 responses after each prompt. Needs a model family known to honour custom
-    attention masks (as reward.shared_prefix) and sdpa or eager attention. n = 1 uses
-    separate rows."""
+    4 responses after each prompt. Saves most when prompts are long next to responses:
+    attention spans the whole row (P + gR columns, a (P + gR)^2 mask, no FlashAttention),
+    so for long responses it can cost more than it saves. Needs a model family known to
+    honour custom attention masks (as reward.shared_prefix) and sdpa or eager attention.
+    n = 1 uses separate rows."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
