@@ -156,3 +156,23 @@ def test_shared_prefix_needs_a_custom_mask(tmp_path, models, prompts_with_answer
     with pytest.raises(ConfigError, match="rollout.shared_prefix needs a custom attention mask"):
         load_stage_config(GRPOConfig, None, args)
     load_stage_config(GRPOConfig, None, args + ["rollout.shared_prefix=false"])
+
+
+def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, task_dir, backbone):  # noqa: F811
+    """PPO with rollout.n = 2: its value model's passes read the group layout too; one
+    step (one minibatch) gives the same losses and weights as separate rows."""
+    rows, weights = {}, {}
+    for on in ("true", "false"):
+        cfg = ppo_cfg(tmp_path / on, models, task_dir, "rollout.n=2", "ppo.epochs=1", "train.global_batch_size=32",
+                      "train.max_steps=1", f"rollout.shared_prefix={on}", "data.eval=null")
+        trainer = PPOTrainer(cfg, backbone)
+        trainer.fit()
+        assert trainer.group_size(4) == (2 if on == "true" else 1)
+        rows[on] = [r for r in metrics(tmp_path / on) if "ppo/score" in r][0]
+        weights[on] = load_file(tmp_path / on / "final" / "value" / "model.safetensors")
+    a, b = rows["true"], rows["false"]
+    assert a["ppo/score"] == b["ppo/score"]
+    for key in ("ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/value_error", "ppo/policy_grad_norm",
+                "ppo/value_grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5) for k in weights["true"])
