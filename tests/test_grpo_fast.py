@@ -152,7 +152,8 @@ def test_shared_prefix_needs_a_custom_mask(tmp_path, models, prompts_with_answer
     from rlhf.config import ConfigError
 
     reward = f"reward.function={prompts_with_answers / 'reward.py'}:score"
-    args = overrides(tmp_path, models, prompts_with_answers, reward, "policy.model.attn_implementation=flash_attention_2")
+    flash = "policy.model.attn_implementation=flash_attention_2"
+    args = overrides(tmp_path, models, prompts_with_answers, reward, flash)
     with pytest.raises(ConfigError, match="rollout.shared_prefix needs a custom attention mask"):
         load_stage_config(GRPOConfig, None, args)
     load_stage_config(GRPOConfig, None, args + ["rollout.shared_prefix=false"])
