@@ -60,7 +60,8 @@ def test_the_old_logprob_pass_runs_when_needed(tmp_path, models, prompts_with_an
 def test_ppo_keeps_the_old_logprob_pass(tmp_path, models, task_dir, backbone):  # noqa: F811
     """PPO's rewards read the old log-probs (its KL penalty): the pass runs, even for one
     epoch of one minibatch."""
-    cfg = ppo_cfg(tmp_path, models, task_dir, "ppo.epochs=1", "train.global_batch_size=16", "train.max_steps=1")
+    cfg = ppo_cfg(tmp_path, models, task_dir, "ppo.epochs=1", "train.global_batch_size=16", "train.max_steps=1",
+                  "data.eval=null")
     trainer = PPOTrainer(cfg, backbone)
     trainer.fit()
     row = [r for r in metrics(tmp_path) if "ppo/score" in r][0]
