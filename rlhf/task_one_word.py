@@ -114,6 +114,12 @@ def gold_reward(prompt: str | list[dict[str, str]], response: str) -> float:
     return ADJECTIVES[m.group(2)]
 
 
+def gold_rewards(prompts: list, responses: list[str], **fields) -> list[float]:
+    """`gold_reward` of each response, as a reward function (`reward.function:
+    rlhf.task_one_word:gold_rewards`): the task's verifiable reward, with no reward model."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+
 def best_response(prompt: str | list[dict[str, str]]) -> str:
     """A response with the highest gold reward (1.0)."""
     return make_answer(prompt_noun(prompt) or "thing", "wonderful")

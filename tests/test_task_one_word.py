@@ -72,6 +72,17 @@ def test_task_selection_is_explicit():
     assert gold_function("one_word") is t.gold_reward
 
 
+def test_gold_rewards_as_a_reward_function():
+    from rlhf.config import RewardConfig
+    from rlhf.rewards import RewardSources
+
+    sources = RewardSources(RewardConfig(function="rlhf.task_one_word:gold_rewards"))
+    rows = [{"prompt": RENDERED, "fields": {}, "where": "x.jsonl:1"}] * 3
+    # in form with a top adjective; a word outside the list; a bare word
+    scores = sources.score(None, [RENDERED] * 3, ["The river is lovely.", "The river is nice.", "Lovely."], rows)
+    assert scores.tolist() == [1.0, t.BROKEN, t.BROKEN]
+
+
 def small(**kw) -> TaskConfig:
     sizes = dict(num_sft=60, num_sft_eval=10, num_pairs=60, num_pairs_eval=20, num_prompts=60, num_prompts_eval=100)
     return TaskConfig(**{"name": "one_word", "label_noise": 0.1, "min_gap": 0.5, **sizes, **kw})

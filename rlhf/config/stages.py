@@ -206,6 +206,18 @@ class RolloutConfig:
     pass's up to rounding (ppo/ratio_at_start stays within 1e-5 of 1); in bf16/fp16
     the cached decode rounds differently from a full forward, so ppo/ratio_at_start
     moves off 1 by that rounding (by 4e-5 to 7e-5 in benchmarks/ratio_bf16.py)."""
+    shared_prefix: bool = True
+    """With n > 1, compute each prompt once per group in the policy's, the reference's and
+    the value model's passes and in the update: one row per prompt, its n responses side
+    by side after it, with a mask that keeps them apart (rlhf/rollout/groups.py). The
+    log-probs, values and gradients are those of separate rows, up to float rounding;
+    minibatches are then shuffled by whole groups. A batch of rows (a micro-batch, a
+    scoring chunk) holds groups of gcd(its rows, n): micro-batches of 4 with n = 8 put
+    4 responses after each prompt. Saves most when prompts are long next to responses:
+    attention spans the whole row (P + gR columns, a (P + gR)^2 mask, no FlashAttention),
+    so for long responses it can cost more than it saves. Needs a model family known to
+    honour custom attention masks (as reward.shared_prefix) and sdpa or eager attention.
+    n = 1 uses separate rows."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
@@ -409,6 +421,12 @@ class OnPolicyConfig(BaseStageConfig):
         v.check(rows % self.train.global_batch_size == 0, "rollout.batch_size",
                 f"{self.rollout.batch_size}{f' x rollout.n ({self.rollout.n})' if self.rollout.n != 1 else ''} "
                 f"must be a multiple of train.global_batch_size ({self.train.global_batch_size}, the minibatch)")
+        if self.rollout.shared_prefix and self.rollout.n > 1:
+            for role in (*self.trained_roles, "ref_policy"):
+                m = getattr(self, role).model
+                v.check(m.attn_implementation in (None, "auto", "sdpa", "eager"), f"{role}.model.attn_implementation",
+                        f"rollout.shared_prefix needs a custom attention mask, which sdpa and eager take and "
+                        f"{m.attn_implementation} does not; use sdpa or set rollout.shared_prefix=false")
         for role in ("reward", "ref_policy"):
             v.check(getattr(self, role).model.lora.r == 0, f"{role}.model.lora.r", "frozen models take no LoRA")
         v.check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")

@@ -71,6 +71,10 @@ class GroupPolicyGradient(PolicyGradient):
     def kl_in_loss(self) -> bool:
         return self.hp.kl_in == "loss"
 
+    @property
+    def rewards_use_logprobs(self) -> bool:
+        return self.hp.kl_in == "reward" and self.uses_reference
+
     def compute_rewards(self, exp: Experience) -> torch.Tensor:
         """One reward per response `(B,)`: the penalised score, less kl_coef x its
         summed k1 KL when the KL goes in the reward."""

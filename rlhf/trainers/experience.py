@@ -26,7 +26,8 @@ class Experience:
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, R) pad after the first EOS
     action_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
-    logprobs: torch.Tensor  # (B, R) policy at sampling time ("old" log-probs)
+    logprobs: torch.Tensor | None  # (B, R) policy at sampling time ("old" log-probs); None until
+    # the update fills them when it gives them (OnPolicyTrainer.old_logprobs_from_update)
     ref_logprobs: torch.Tensor | None  # (B, R); None when the algorithm needs no reference
     values: torch.Tensor | None  # (B, R); None without a critic
     scores: torch.Tensor  # (B,) from the reward sources, as they gave them
@@ -59,6 +60,9 @@ class Algorithm:
 
     critic = False
     """Whether a value model is trained beside the policy."""
+    rewards_use_logprobs = True
+    """Whether compute_rewards/compute_advantages read the old log-probs (a KL in the
+    reward); if not, a one-step update may give them instead of a scoring pass."""
 
     def __init__(self, cfg: OnPolicyConfig, trainer: "OnPolicyTrainer"):
         self.cfg, self.trainer = cfg, trainer

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from math import gcd
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ import torch
 from rlhf.config import ModelConfig, OnPolicyConfig, exact_div
 from rlhf.data.batching import StepSampler
 from rlhf.losses import masked_sum
-from rlhf.models import ScalarModel, apply_lora, load_causal_lm, load_scalar_model, save_pretrained, sequence_scores
+from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, model_type, require_model_type,
+                         save_pretrained, sequence_scores)
 from rlhf.rewards import RewardSources
 from rlhf.rollout import HFEngine, full_sequence, generation_context, is_stop, response_logprobs, response_values
+from rlhf.rollout.groups import GroupLayout, group_layout, group_logprobs, group_values
 from rlhf.trainers.base import Trainer
 from rlhf.trainers.experience import Algorithm, Experience
 
@@ -54,6 +57,7 @@ class OnPolicyTrainer(Trainer):
         self.progress_keys = [f"{s}/score", f"{s}/kl", f"{s}/episodes_per_s"]
         self.timers: dict[str, float] = {}
         self.entropy_logged = True
+        self.evaluating = False  # make_experience for evaluate: no update follows, old log-probs are scored
 
     # ================================================================== setup
 
@@ -70,6 +74,13 @@ class OnPolicyTrainer(Trainer):
         self.minibatches = cfg.rollout.batch_size * cfg.rollout.n // cfg.train.global_batch_size
         optimizer_steps = self.total_steps * self.algorithm.hp.epochs * self.minibatches
         self.check_reward_tokenizer()
+        if self.shared_prefix:
+            from rlhf.trainers.reward import SHARED_PREFIX_MODEL_TYPES
+
+            roles = ["policy"] + ["value"] * self.algorithm.critic + ["ref_policy"] * self.algorithm.uses_reference
+            for role in roles:
+                require_model_type(model_type(self.role_model(role)), SHARED_PREFIX_MODEL_TYPES,
+                                   "rollout.shared_prefix", "honour custom attention masks")
 
         # policy: the model being trained (actor)
         policy_cfg = self.role_model("policy")
@@ -126,7 +137,15 @@ class OnPolicyTrainer(Trainer):
                                     gradient_checkpointing=False)
         if self.algorithm.hp.disable_dropout and role in ("policy", "value", "ref_policy"):
             m = dataclasses.replace(m, dropout=0.0)
+        if self.shared_prefix and role in ("policy", "value", "ref_policy") and m.attn_implementation == "auto":
+            # The shared-prefix layout needs a custom mask, which FlashAttention does not take.
+            m = dataclasses.replace(m, attn_implementation="sdpa")
         return m
+
+    @property
+    def shared_prefix(self) -> bool:
+        """Whether a group's responses share one copy of its prompt (rollout.shared_prefix)."""
+        return self.cfg.rollout.shared_prefix and self.cfg.rollout.n > 1
 
     def check_reward_tokenizer(self) -> None:
         """The reward model reads the policy's token ids directly, so it must share the
@@ -163,9 +182,11 @@ class OnPolicyTrainer(Trainer):
             # 4. rewards, then advantages (and returns)
             exp.rewards = self.compute_rewards(exp)
             exp.advantages, exp.returns = self.compute_advantages(exp)
-            metrics = self.experience_metrics(exp)
             # 5. epochs over shuffled minibatches: losses, backward, step of each trained model
-            metrics.update(self.learn(exp))
+            learned = self.learn(exp)
+            # after learn: without the old-log-prob pass the update fills exp.logprobs (for the KL)
+            metrics = self.experience_metrics(exp)
+            metrics.update(learned)
             # 6. the rollout engine samples from the new weights next time
             self.engine.sync_weights(self.policy)
             self.after_step(metrics)
@@ -199,7 +220,7 @@ class OnPolicyTrainer(Trainer):
         scores = self.rewards.score(passes.get("scores"), texts, responses, rollout.rows)
         self.timers.update({f"time/reward_{k}_s": v for k, v in self.rewards.timings.items()})
         return Experience(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.action_mask,
-                          passes["logprobs"], passes.get("ref_logprobs"), passes.get("values"),
+                          passes.get("logprobs"), passes.get("ref_logprobs"), passes.get("values"),
                           scores.to(rollout.prompt_ids.device), texts, rollout.rows)
 
     @torch.no_grad()
@@ -207,24 +228,27 @@ class OnPolicyTrainer(Trainer):
         """Policy and reference log-probs, values `(B, R)` and reward-model scores `(B,)`.
         Each model runs over the whole batch in chunks before the next starts, so under
         ZeRO-3 its weights are gathered once for all chunks. The policy's pass is
-        skipped when its log-probs came with the responses."""
-        input_ids, attention_mask = full_sequence(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-                                                  rollout.action_mask)
-        P, T = rollout.prompt_ids.shape[1], self.cfg.rollout.temperature
+        skipped when its log-probs came with the responses, or when the update will
+        give them (`old_logprobs_from_update`; then there is no "logprobs" entry)."""
+        tensors = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.action_mask)
         chunk = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+        starts = range(0, rollout.prompt_ids.shape[0], chunk)
+        # the models' inputs chunk by chunk (one row per group with rollout.shared_prefix) ...
+        inputs = [self.model_inputs(*(t[i:i + chunk] for t in tensors)) for i in starts]
         policy_chunk = self.cfg.policy.model.logits_chunk_mib
         passes = []
-        if rollout.logprobs is None:
-            passes.append(("logprobs", "policy", lambda m, ids, mask: response_logprobs(
-                m, ids, mask, P, T, chunk_mib=policy_chunk)))
+        if rollout.logprobs is None and not self.old_logprobs_from_update():
+            passes.append(("logprobs", "policy", lambda m, x: self.response_logprobs(m, x, chunk_mib=policy_chunk)))
         if self.ref_policy is not None:
             ref_chunk = self.role_model("ref_policy").logits_chunk_mib
-            passes.append(("ref_logprobs", "ref_policy", lambda m, ids, mask: response_logprobs(
-                m, ids, mask, P, T, chunk_mib=ref_chunk)))
+            passes.append(("ref_logprobs", "ref_policy",
+                           lambda m, x: self.response_logprobs(m, x, chunk_mib=ref_chunk)))
         if self.value is not None:
-            passes.append(("values", "value", lambda m, ids, mask: response_values(m, ids, mask, P)))
+            passes.append(("values", "value", self.response_values))
         if self.reward is not None:
-            passes.append(("scores", "reward", sequence_scores))
+            # ... but the reward model reads each response in its own row
+            passes.append(("scores", "reward", lambda m, x: sequence_scores(m, *x)))
+        rows = [full_sequence(*(t[i:i + chunk] for t in tensors)) for i in starts] if self.reward is not None else []
         out = {}
         for engine in self.engines.values():
             engine.eval()
@@ -232,14 +256,54 @@ class OnPolicyTrainer(Trainer):
             t0 = time.perf_counter()
             engine = getattr(self, role)
             with generation_context(engine, self.cfg.role_deepspeed(role).zero_stage):
-                out[name] = torch.cat([fn(engine, input_ids[i:i + chunk], attention_mask[i:i + chunk])
-                                       for i in range(0, input_ids.shape[0], chunk)])
+                out[name] = torch.cat([fn(engine, x) for x in (rows if name == "scores" else inputs)])
             self.timers[f"time/score_{role}_s"] = time.perf_counter() - t0
         for engine in self.engines.values():
             engine.train()
         if rollout.logprobs is not None:
             out["logprobs"] = rollout.logprobs
         return out
+
+    def group_size(self, rows: int) -> int:
+        """Responses after each copy of a prompt in a batch of `rows` consecutive rows
+        (a micro-batch, a scoring chunk) that starts at a multiple of its size in a
+        rollout batch of whole groups: gcd(rows, rollout.n), since each aligned block of
+        that many rows answers one prompt; 1 (separate rows) without the shared-prefix
+        layout or when evaluating (one response per prompt)."""
+        return gcd(rows, self.cfg.rollout.n) if self.shared_prefix and not self.evaluating else 1
+
+    def model_inputs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                     action_mask: torch.Tensor) -> GroupLayout | tuple[torch.Tensor, torch.Tensor, int]:
+        """What the policy, reference and value model read for these rows: one row per
+        group (rlhf.rollout.groups), else each prompt + response (input_ids, attention_mask,
+        prompt width)."""
+        group = self.group_size(prompt_ids.shape[0])
+        if group > 1:
+            return group_layout(prompt_ids, prompt_mask, response_ids, action_mask, group)
+        return (*full_sequence(prompt_ids, prompt_mask, response_ids, action_mask), prompt_ids.shape[1])
+
+    def response_logprobs(self, model, inputs, **kwargs):
+        """rlhf.rollout.response_logprobs (its keyword arguments) of `model_inputs`."""
+        if isinstance(inputs, GroupLayout):
+            return group_logprobs(model, inputs, self.cfg.rollout.temperature, **kwargs)
+        return response_logprobs(model, *inputs, self.cfg.rollout.temperature, **kwargs)
+
+    def response_values(self, model, inputs) -> torch.Tensor:
+        """rlhf.rollout.response_values of `model_inputs`."""
+        return group_values(model, inputs) if isinstance(inputs, GroupLayout) else response_values(model, *inputs)
+
+    def old_logprobs_from_update(self) -> bool:
+        """Whether the policy's "old" log-probs come from the update's own forward
+        (detached, as in TRL's GRPOTrainer) instead of a scoring pass. Exact, hence no
+        knob: with one optimizer step per rollout batch (one epoch, one minibatch) every
+        micro-batch of that step runs on the weights that sampled the rollout, and with
+        dropout off the train-mode forward computes what the scoring pass would (up to
+        the rounding of another batch shape); the ratio new/old is then 1 by
+        construction. Not when the rewards read the old log-probs before the update (a
+        KL in the reward: PPO, REINFORCE++, RLOO's kl_in=reward), nor for evaluation."""
+        hp = self.algorithm.hp
+        return (not self.evaluating and hp.epochs == 1 and self.minibatches == 1 and hp.disable_dropout
+                and not self.algorithm.rewards_use_logprobs)
 
     # ------------------------------------------------------------------ 4. rewards and advantages
 
@@ -277,24 +341,37 @@ class OnPolicyTrainer(Trainer):
         epochs = self.algorithm.hp.epochs
         totals: dict[str, float] = {}
         seen: dict[str, int] = {}
+        # No old-log-prob pass ran (old_logprobs_from_update): train_step fills each micro-batch's.
+        from_update = exp.logprobs is None
+        old_logprobs = torch.zeros(exp.action_mask.shape, device=exp.action_mask.device) if from_update else None
         self.update_time = {"policy": 0.0, "value": 0.0}
         for epoch in range(epochs):
             # A generator of its own: the order depends on (seed, step, epoch, rank) only,
             # so a resumed run shuffles exactly as the uninterrupted one did.
             g = torch.Generator().manual_seed(hash((self.cfg.seed, self.step, epoch, self.backbone.rank)) % 2**62)
-            perm = torch.randperm(self.prompts_per_rank * cfg.rollout.n, generator=g)
+            if self.shared_prefix:  # whole groups, so that micro-batches hold whole groups (group_size)
+                perm = (torch.randperm(self.prompts_per_rank, generator=g)[:, None] * cfg.rollout.n
+                        + torch.arange(cfg.rollout.n)).view(-1)
+            else:
+                perm = torch.randperm(self.prompts_per_rank * cfg.rollout.n, generator=g)
             for k in range(self.minibatches):
                 idx = perm[k * per_rank:(k + 1) * per_rank]
                 micro_batches = [exp.select(idx[j:j + micro]) for j in range(0, per_rank, micro)]
                 self.entropy_logged = epoch == 0 and k == 0  # a subsample for the log: see train_step
                 stats = self.train_step(micro_batches)
+                if from_update:
+                    for j, mb in zip(range(0, per_rank, micro), micro_batches):
+                        old_logprobs[idx[j:j + micro].to(old_logprobs.device)] = mb.logprobs
                 if epoch == 0 and k == 0:
-                    # Nothing has been updated yet: new and old log-probs must agree.
+                    # Nothing has been updated yet: new and old log-probs must agree (exactly
+                    # 1 when the old ones are the update's own, old_logprobs_from_update).
                     totals[f"{self.stage}/ratio_at_start"] = stats[f"{self.stage}/ratio"]
                     seen[f"{self.stage}/ratio_at_start"] = 1
                 for key, v in stats.items():
                     totals[key] = totals.get(key, 0.0) + v
                     seen[key] = seen.get(key, 0) + 1
+        if from_update:
+            exp.logprobs = old_logprobs
         out = {k: v / seen[k] for k, v in totals.items()}
         out["time/policy_update_s"] = self.update_time["policy"]
         if self.value is not None:
@@ -314,12 +391,13 @@ class OnPolicyTrainer(Trainer):
         sums: dict[str, float] = {}
         for mb in micro_batches:
             t0 = time.perf_counter()
-            input_ids, attention_mask = mb.sequences()
-            P = mb.prompt_ids.shape[1]
-            out = response_logprobs(self.policy, input_ids, attention_mask, P, self.cfg.rollout.temperature,
-                                    with_entropy=self.entropy_logged or entropy_in_loss,
-                                    entropy_grad=entropy_in_loss, chunk_mib=self.cfg.policy.model.logits_chunk_mib)
+            inputs = self.model_inputs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.action_mask)
+            out = self.response_logprobs(self.policy, inputs, with_entropy=self.entropy_logged or entropy_in_loss,
+                                         entropy_grad=entropy_in_loss,
+                                         chunk_mib=self.cfg.policy.model.logits_chunk_mib)
             logprobs, entropy = out if isinstance(out, tuple) else (out, None)
+            if mb.logprobs is None:  # old_logprobs_from_update: the weights have not moved yet
+                mb.logprobs = logprobs.detach()
             loss, stats = algo.policy_loss(mb, logprobs, entropy, counts, scale)
             if self.has_extra_policy_loss():
                 loss = loss + self.extra_policy_loss()
@@ -329,7 +407,7 @@ class OnPolicyTrainer(Trainer):
             t1 = time.perf_counter()
             self.update_time["policy"] += t1 - t0
             if self.value is not None:
-                values = response_values(self.value, input_ids, attention_mask, P)
+                values = self.response_values(self.value, inputs)
                 v_loss, v_stats = algo.value_loss(mb, values, counts, scale)
                 self.value.backward(v_loss)
                 bb.step(self.value)
@@ -408,6 +486,7 @@ class OnPolicyTrainer(Trainer):
         # One response per prompt; `n` only passed where it differs, so that overrides of
         # make_experience(prompts) written for PPO keep working.
         one = {} if cfg.rollout.n == 1 else {"n": 1}
+        self.evaluating = True
         with bb.fork_rng(cfg.seed + 7919 * (bb.rank + 1)):
             for idx, real in self.eval_index_batches(len(self.data.eval), size):
                 # Every rank samples and scores batches of the same sizes (its passes are
@@ -421,6 +500,7 @@ class OnPolicyTrainer(Trainer):
                 sums["eos_rate"] += self.has_eos(exp).sum().item()
                 sums["gold_reward"] += sum(self.gold_rewards(exp)) if self.gold_reward is not None else 0.0
                 sums["n"] += real
+        self.evaluating = False
         s = self.sum_over_ranks(sums)
         n = max(s.pop("n"), 1.0)
         if self.gold_reward is None:

@@ -1,0 +1,180 @@
+"""Exact speed-ups of the group stages: the update's own forward standing in for the
+old-log-prob pass (OnPolicyTrainer.old_logprobs_from_update), and each group's prompt
+computed once (rollout.shared_prefix, rlhf/rollout/groups.py)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config import GRPOConfig, load_stage_config
+from rlhf.trainers.algorithms import GRPOTrainer
+from rlhf.trainers.ppo import PPOTrainer
+from test_grpo import overrides, prompts_with_answers  # noqa: F401  (fixtures)
+from test_ppo import metrics, models, ppo_cfg  # noqa: F401  (the tiny policy and reward model)
+
+
+class WithOldLogprobPass(GRPOTrainer):
+    def old_logprobs_from_update(self) -> bool:
+        return False
+
+
+def one_step(tmp_path, models, data, trainer_cls, backbone, *extra):  # noqa: F811
+    # 8 prompts x 4 responses = 32 rows = one minibatch of 4 micro-batches: one optimizer step
+    cfg = load_stage_config(GRPOConfig, None, overrides(
+        tmp_path, models, data, f"reward.function={data / 'reward.py'}:score", "grpo.epochs=1",
+        "train.global_batch_size=32", "train.max_steps=1", *extra))
+    trainer = trainer_cls(cfg, backbone)
+    trainer.fit()
+    return trainer, [r for r in metrics(tmp_path) if "grpo/score" in r][0]
+
+
+def test_one_step_update_gives_the_old_logprobs_exactly(tmp_path, models, prompts_with_answers, backbone):  # noqa: F811
+    """The same rollout trained with and without the old-log-prob pass: same losses,
+    gradient norm, KL and updated weights (fp32, one step)."""
+    fast, row = one_step(tmp_path / "fast", models, prompts_with_answers, GRPOTrainer, backbone)
+    slow, ref = one_step(tmp_path / "slow", models, prompts_with_answers, WithOldLogprobPass, backbone)
+    assert fast.old_logprobs_from_update() and not slow.old_logprobs_from_update()
+    assert "time/score_policy_s" not in row and "time/score_policy_s" in ref
+    assert row["grpo/score"] == ref["grpo/score"]  # the same responses
+    assert row["grpo/ratio_at_start"] == 1.0  # old = new, detached, by construction
+    assert abs(ref["grpo/ratio_at_start"] - 1) < 1e-5
+    for key in ("grpo/policy_loss", "grpo/kl_loss", "grpo/kl", "grpo/policy_grad_norm", "grpo/entropy"):
+        assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    a = load_file(tmp_path / "fast" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "slow" / "final" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the update changed the weights (the comparison is not vacuous)
+    start = load_file(models / "policy" / "model.safetensors")
+    assert any(not torch.allclose(start[k], a[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("extra", [("grpo.epochs=2",), ("train.global_batch_size=16",),
+                                   ("grpo.kl_in=reward",)])
+def test_the_old_logprob_pass_runs_when_needed(tmp_path, models, prompts_with_answers, backbone, extra):  # noqa: F811
+    """Several epochs or minibatches (the weights move before later ones), or a KL in the
+    reward (read before the update): the pass runs."""
+    trainer, row = one_step(tmp_path, models, prompts_with_answers, GRPOTrainer, backbone, *extra)
+    assert not trainer.old_logprobs_from_update() and "time/score_policy_s" in row
+
+
+def test_ppo_keeps_the_old_logprob_pass(tmp_path, models, task_dir, backbone):  # noqa: F811
+    """PPO's rewards read the old log-probs (its KL penalty): the pass runs, even for one
+    epoch of one minibatch."""
+    cfg = ppo_cfg(tmp_path, models, task_dir, "ppo.epochs=1", "train.global_batch_size=16", "train.max_steps=1",
+                  "data.eval=null")
+    trainer = PPOTrainer(cfg, backbone)
+    trainer.fit()
+    row = [r for r in metrics(tmp_path) if "ppo/score" in r][0]
+    assert not trainer.old_logprobs_from_update() and "time/score_policy_s" in row
+    assert not trainer.shared_prefix and trainer.group_size(4) == 1  # n = 1: separate rows
+
+
+# ---------------------------------------------------------------- the shared-prefix layout of a group
+
+def rollout_batch(vocab, pad, eos, group, prompt_lengths=(5, 2, 7), R=6):
+    """Left-padded prompts of different lengths, `group` responses each, with EOS at
+    different places (one response without any), pad after it."""
+    g = torch.Generator().manual_seed(1)
+    P = max(prompt_lengths)
+    prompt_ids = torch.full((len(prompt_lengths), P), pad)
+    prompt_mask = torch.zeros(len(prompt_lengths), P, dtype=torch.long)
+    for i, n in enumerate(prompt_lengths):
+        prompt_ids[i, P - n:] = torch.randint(3, vocab, (n,), generator=g)
+        prompt_mask[i, P - n:] = 1
+    B = len(prompt_lengths) * group
+    response_ids = torch.randint(3, vocab, (B, R), generator=g)
+    ends = [(i * 2) % (R + 1) for i in range(B)]  # R: no EOS (the response reached max_new_tokens)
+    for i, e in enumerate(ends):
+        if e < R:
+            response_ids[i, e] = eos
+            response_ids[i, e + 1:] = pad
+    action_mask = (torch.arange(R)[None] <= torch.tensor(ends)[:, None]).long()
+    return prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0), response_ids, action_mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_group_layout_gives_the_separate_rows_logprobs_and_values(tokenizer, attn, group):
+    from rlhf.config import ModelConfig
+    from rlhf.models import ScalarModel, load_causal_lm, load_scalar_model
+    from rlhf.rollout import full_sequence, response_logprobs, response_values
+    from rlhf.rollout.groups import group_layout, group_logprobs, group_values
+    from conftest import TINY_ARCHS
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=dict(TINY_ARCHS["llama"]), dropout=0.0, attn_implementation=attn)
+    policy = load_causal_lm(cfg, tokenizer).eval()
+    value = ScalarModel(load_scalar_model(cfg, tokenizer)).eval()
+    batch = rollout_batch(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, group)
+    ids, mask = full_sequence(*batch)
+    P, action = batch[0].shape[1], batch[3].bool()
+    layout = group_layout(*batch, group)
+    assert layout.input_ids.shape == (3, P + group * 6)
+    for chunk_mib in (0.0, 1.0):  # full logits, and the chunked LM head
+        lp, ent = response_logprobs(policy, ids, mask, P, 0.7, with_entropy=True, chunk_mib=chunk_mib)
+        glp, gent = group_logprobs(policy, layout, 0.7, with_entropy=True, chunk_mib=chunk_mib)
+        assert torch.allclose(glp, lp, atol=1e-5) and torch.allclose(gent, ent, atol=1e-5)
+        assert (glp[~action] == 0).all() and (glp[action] != 0).all()
+    v, gv = response_values(value, ids, mask, P), group_values(value, layout)
+    assert torch.allclose(gv[action], v[action], atol=1e-5)
+    # gradients too: the update's backward goes through the same layout
+    policy.train()
+    lp = response_logprobs(policy, ids, mask, P, chunk_mib=1.0).sum()
+    a = torch.autograd.grad(lp, list(policy.parameters()))
+    b = torch.autograd.grad(group_logprobs(policy, layout, chunk_mib=1.0).sum(), list(policy.parameters()))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
+
+
+def test_grpo_run_is_the_same_with_and_without_the_shared_prefix(tmp_path, models, prompts_with_answers,
+                                                                  backbone):  # noqa: F811
+    """Two steps of two epochs over one minibatch (the order within it changes no sum):
+    the same scores, KL, losses, gradient norms and weights, both layouts. Micro-batches
+    of 8 rows hold 2 groups of 4; the scoring passes run in chunks of 6 rows, so groups
+    of gcd(6, 4) = 2."""
+    extra = ("grpo.epochs=2", "train.max_steps=2", "train.eval_batch_size=6")
+    runs = {}
+    for on in ("true", "false"):
+        out = tmp_path / on
+        trainer, _ = one_step(out, models, prompts_with_answers, GRPOTrainer, backbone, *extra,
+                              f"rollout.shared_prefix={on}")
+        assert trainer.shared_prefix == (on == "true") and trainer.group_size(8) == (4 if on == "true" else 1)
+        runs[on] = [r for r in metrics(out) if "grpo/score" in r], load_file(out / "final" / "model.safetensors")
+    (a, wa), (b, wb) = runs["true"], runs["false"]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["grpo/score"] == rb["grpo/score"]  # the same responses
+        for key in ("grpo/kl", "grpo/policy_loss", "grpo/kl_loss", "grpo/policy_grad_norm", "grpo/entropy",
+                    "grpo/ratio_at_start"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_shared_prefix_needs_a_custom_mask(tmp_path, models, prompts_with_answers):  # noqa: F811
+    from rlhf.config import ConfigError
+
+    reward = f"reward.function={prompts_with_answers / 'reward.py'}:score"
+    flash = "policy.model.attn_implementation=flash_attention_2"
+    args = overrides(tmp_path, models, prompts_with_answers, reward, flash)
+    with pytest.raises(ConfigError, match="rollout.shared_prefix needs a custom attention mask"):
+        load_stage_config(GRPOConfig, None, args)
+    load_stage_config(GRPOConfig, None, args + ["rollout.shared_prefix=false"])
+
+
+def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, task_dir, backbone):  # noqa: F811
+    """PPO with rollout.n = 2: its value model's passes read the group layout too; one
+    step (one minibatch) gives the same losses and weights as separate rows."""
+    rows, weights = {}, {}
+    for on in ("true", "false"):
+        cfg = ppo_cfg(tmp_path / on, models, task_dir, "rollout.n=2", "ppo.epochs=1", "train.global_batch_size=32",
+                      "train.max_steps=1", f"rollout.shared_prefix={on}", "data.eval=null")
+        trainer = PPOTrainer(cfg, backbone)
+        trainer.fit()
+        assert trainer.group_size(4) == (2 if on == "true" else 1)
+        rows[on] = [r for r in metrics(tmp_path / on) if "ppo/score" in r][0]
+        weights[on] = load_file(tmp_path / on / "final" / "value" / "model.safetensors")
+    a, b = rows["true"], rows["false"]
+    assert a["ppo/score"] == b["ppo/score"]
+    for key in ("ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/value_error", "ppo/policy_grad_norm",
+                "ppo/value_grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5) for k in weights["true"])
