@@ -13,9 +13,9 @@ process, alternately; medians are reported.
 
 Updating once per rollout, both take the "old" log-probs as the update's own, detached,
 and make no policy pass over the rollout (ours: OnPolicyTrainer.old_logprobs_from_update).
-One difference in work: ours computes each prompt once per group of G responses in the
-reference pass and the update (rollout.shared_prefix, on by default; `--ours
-rollout.shared_prefix=false` runs every row `prompt + response` on its own, as TRL does).
+With `--ours rollout.shared_prefix=true`, ours also computes each prompt once per group of
+G responses in the reference pass and the update (off by default: every row is `prompt +
+response` on its own, as TRL's).
 
 Measured: episodes (one sampled response each) per second over the training loop (ours:
 `train()` after setup; TRL: its train-begin to train-end events, so model loading and

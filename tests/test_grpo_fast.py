@@ -156,8 +156,8 @@ def test_shared_prefix_needs_a_custom_mask(tmp_path, models, prompts_with_answer
     flash = "policy.model.attn_implementation=flash_attention_2"
     args = overrides(tmp_path, models, prompts_with_answers, reward, flash)
     with pytest.raises(ConfigError, match="rollout.shared_prefix needs a custom attention mask"):
-        load_stage_config(GRPOConfig, None, args)
-    load_stage_config(GRPOConfig, None, args + ["rollout.shared_prefix=false"])
+        load_stage_config(GRPOConfig, None, args + ["rollout.shared_prefix=true"])
+    load_stage_config(GRPOConfig, None, args)
 
 
 def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, task_dir, backbone):  # noqa: F811

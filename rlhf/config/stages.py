@@ -206,7 +206,7 @@ class RolloutConfig:
     pass's up to rounding (ppo/ratio_at_start stays within 1e-5 of 1); in bf16/fp16
     the cached decode rounds differently from a full forward, so ppo/ratio_at_start
     moves off 1 by that rounding (by 4e-5 to 7e-5 in benchmarks/ratio_bf16.py)."""
-    shared_prefix: bool = True
+    shared_prefix: bool = False
     """With n > 1, compute each prompt once per group in the policy's, the reference's and
     the value model's passes and in the update: one row per prompt, its n responses side
     by side after it, with a mask that keeps them apart (rlhf/rollout/groups.py). The
@@ -217,7 +217,9 @@ class RolloutConfig:
     attention spans the whole row (P + gR columns, a (P + gR)^2 mask, no FlashAttention),
     so for long responses it can cost more than it saves. Needs a model family known to
     honour custom attention masks (as reward.shared_prefix) and sdpa or eager attention.
-    n = 1 uses separate rows."""
+    n = 1 uses separate rows. Off by default until its gain is measured on a quiet
+    machine (benchmarks/bench_grpo.py) and the quickstart's group stages are re-run with
+    it: the group-wise shuffling trains in another order than separate rows do."""
 
     def validate(self, v: Validator) -> None:
         v.check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
