@@ -133,7 +133,7 @@ def child_floor(spec: dict) -> None:
     from floor import adamw, floor_metrics, optimizer_step, param_split, stage_batches
     from rlhf.losses import dpo_loss
     from rlhf.trainers.base import setup_frozen
-    from rlhf.trainers.dpo import collate_dpo, num_pairs, pair_logprobs
+    from rlhf.trainers.dpo import collate_dpo, num_pairs, pair_logprobs, response_lengths
 
     cfg = ours_config(spec)
     d = cfg.dpo
@@ -163,8 +163,9 @@ def child_floor(spec: dict) -> None:
             for b in micro_batches:
                 ref_chosen, ref_rejected = next(refs)
                 chosen, rejected = pair_logprobs(model, b, cpu, d.length_normalized)
+                lengths = None if d.length_normalized else response_lengths(b)[:num_pairs(b)]
                 loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, d.beta, d.loss_type,
-                                   d.label_smoothing)
+                                   d.label_smoothing, d.nll_weight, lengths)
                 (loss / len(micro_batches)).backward()
             optimizer_step(model, opt, 1.0)
             seconds.append(time.perf_counter() - t0)

@@ -545,7 +545,8 @@ def sequence_logprobs(token_logprobs: torch.Tensor, sequence: torch.Tensor, num_
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             label_smoothing: float = 0.0, nll_weight: float = 0.0,
+             chosen_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct preference optimisation (Rafailov et al. 2023) and its variants, mean over pairs.
 
     With `h = (pc - rc) - (pr - rr)`, the chosen response's log-ratio to the reference
@@ -558,6 +559,12 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       target instead of pushing it to infinity (the paper's h is on token-averaged
       log-probs: pass averaged log-probs for that).
 
+    With `nll_weight` alpha > 0, RPO (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization"; TRL's rpo_alpha) adds alpha times the chosen response's negative
+    log-likelihood per token, `-pc / len(chosen)`: DPO alone only widens the gap, and
+    can widen it by pushing both responses' probabilities down (off the reference,
+    losing EOS); the NLL term holds the chosen one up.
+
     Args:
         policy_chosen_logps, policy_rejected_logps: `(B,)` sequence log-probs of the
             responses under the policy (summed or averaged over response tokens).
@@ -565,12 +572,16 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         beta: the KL coefficient (IPO's tau).
         loss_type: `sigmoid` or `ipo`.
         label_smoothing: ls in [0, 0.5), `sigmoid` only.
+        nll_weight: alpha >= 0 of the NLL term; 0 is the loss without it.
+        chosen_lengths: `(B,)` response tokens of each chosen response, which the NLL
+            term divides by; None when the log-probs are already averaged.
 
     Returns:
         loss, and detached batch means: `reward_accuracy` (share of pairs whose chosen
         implicit reward is strictly above the rejected one's, as TRL counts: a tie is
         wrong), `chosen_reward` and `rejected_reward` (implicit rewards
-        `beta * (policy - ref)`), `margin` (chosen minus rejected reward).
+        `beta * (policy - ref)`), `margin` (chosen minus rejected reward), `chosen_nll`
+        (the chosen response's NLL per token, whatever `nll_weight`).
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
@@ -585,6 +596,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    chosen_nll = -policy_chosen_logps if chosen_lengths is None else -policy_chosen_logps / chosen_lengths
+    if nll_weight:
+        losses = losses + nll_weight * chosen_nll
     with torch.no_grad():
         chosen_rewards = beta * chosen_logratios
         rejected_rewards = beta * rejected_logratios
@@ -593,5 +607,6 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             "chosen_reward": chosen_rewards.mean(),
             "rejected_reward": rejected_rewards.mean(),
             "margin": (chosen_rewards - rejected_rewards).mean(),
+            "chosen_nll": chosen_nll.mean(),
         }
     return losses.mean(), stats

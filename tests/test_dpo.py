@@ -67,19 +67,43 @@ def test_ipo_by_hand():
     assert torch.allclose(pc.grad, t([0.0, -2.0]), atol=1e-6)
 
 
+def test_rpo_nll_term_by_hand():
+    # chosen lengths (2, 4): per-token NLL of chosen 1 / 2 = 0.5 and 3 / 4 = 0.75, mean 0.625
+    lengths = t([2.0, 4.0])
+    loss, stats = dpo_loss(PC, PR, RC, RR, beta=0.1, nll_weight=2.0, chosen_lengths=lengths)
+    # DPO 0.6943967 (test_dpo_sigmoid_by_hand) + 2 * 0.625 = 1.9443967
+    assert loss.item() == pytest.approx(1.9443967, abs=1e-6)
+    assert stats["chosen_nll"].item() == pytest.approx(0.625, abs=1e-7)
+    # the term's gradient on pc is -alpha / len / B: -2 / 2 / 2 = -0.5 and -2 / 4 / 2 = -0.25,
+    # added to DPO's (-0.02375104, -0.02624896); the rejected log-probs get DPO's alone
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    dpo_loss(pc, pr, RC, RR, beta=0.1, nll_weight=2.0, chosen_lengths=lengths)[0].backward()
+    assert torch.allclose(pc.grad, t([-0.52375104, -0.27624896]), atol=1e-7)
+    assert torch.allclose(pr.grad, t([0.02375104, 0.02624896]), atol=1e-7)
+    # already averaged log-probs (no lengths): NLL (1 + 3) / 2 = 2; with IPO (2.0, test_ipo_by_hand)
+    loss, stats = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo", nll_weight=0.5)
+    assert loss.item() == pytest.approx(2.0 + 0.5 * 2.0, abs=1e-6) and stats["chosen_nll"].item() == 2.0
+    # weight 0 is plain DPO, whatever the lengths
+    assert dpo_loss(PC, PR, RC, RR, 0.1, nll_weight=0.0, chosen_lengths=lengths)[0] == dpo_loss(PC, PR, RC, RR, 0.1)[0]
+
+
 def test_dpo_loss_matches_a_slow_loop():
     g = torch.Generator().manual_seed(0)
     x = [-10 * torch.rand(16, generator=g, dtype=torch.float64) for _ in range(4)]
-    for loss_type, beta, ls in [("sigmoid", 0.1, 0.0), ("sigmoid", 0.3, 0.1), ("ipo", 0.2, 0.0)]:
-        loss, stats = dpo_loss(*x, beta=beta, loss_type=loss_type, label_smoothing=ls)
+    lengths = torch.randint(1, 20, (16,), generator=g).double()
+    for loss_type, beta, ls, alpha in [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.3, 0.1, 0.0), ("ipo", 0.2, 0.0, 0.0),
+                                       ("sigmoid", 0.5, 0.0, 1.0)]:
+        loss, stats = dpo_loss(*x, beta=beta, loss_type=loss_type, label_smoothing=ls, nll_weight=alpha,
+                               chosen_lengths=lengths)
         total, right = 0.0, 0
-        for pc, pr, rc, rr in zip(*(v.tolist() for v in x)):
+        for pc, pr, rc, rr, n in zip(*(v.tolist() for v in (*x, lengths))):
             h = (pc - rc) - (pr - rr)
             if loss_type == "sigmoid":
                 total += -(1 - ls) * math.log(1 / (1 + math.exp(-beta * h))) \
                     - ls * math.log(1 / (1 + math.exp(beta * h)))
             else:
                 total += (h - 1 / (2 * beta)) ** 2
+            total += alpha * -pc / n
             right += beta * (pc - rc) > beta * (pr - rr)
         assert loss.item() == pytest.approx(total / 16, rel=1e-10)
         assert stats["reward_accuracy"].item() == right / 16
@@ -334,8 +358,8 @@ def test_live_reference_equals_the_precomputed_one(tmp_path, policy_dir, pairs, 
 
 @pytest.mark.parametrize("flags", [["dpo.loss_type=ipo", "dpo.length_normalized=true"],
                                    ["dpo.label_smoothing=0.1", "dpo.shared_prefix=false"],
-                                   ["data.packing=true", "dpo.beta=0.5"]],
-                         ids=["ipo-averaged", "cdpo-separate-rows", "packed"])
+                                   ["data.packing=true", "dpo.beta=0.5", "dpo.nll_weight=1.0"]],
+                         ids=["ipo-averaged", "cdpo-separate-rows", "packed-rpo"])
 def test_variants_train(flags, tmp_path, policy_dir, pairs, backbone):
     final = DPOTrainer(dpo_cfg(tmp_path / "out", policy_dir, pairs, "train.max_steps=6", *flags), backbone).fit()
     losses = metric(tmp_path / "out", "train/loss")
@@ -387,6 +411,7 @@ def test_zero_stages_and_two_ranks_agree(tmp_path, policy_dir, pairs, backbone):
 @pytest.mark.parametrize("flags,message", [
     (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing: applies to loss_type sigmoid only"),
     (["dpo.beta=0"], "dpo.beta: must be > 0"),
+    (["dpo.nll_weight=-1"], "dpo.nll_weight: must be >= 0"),
     (["data.packing=true", "dpo.shared_prefix=false"], "data.packing: packing pairs side by side"),
     (["model.path=null", f"model.arch={json.dumps(TINY_ARCHS['llama'])}", "dpo.reference=live"],
      "dpo.reference: live scoring by the policy's start"),

@@ -519,6 +519,12 @@ class DPOHParams:
     label_smoothing: float = 0.0
     """Conservative DPO (Mitchell 2023): the assumed probability that a pair's labels are
     flipped, in [0, 0.5); sigmoid loss only. 0 is plain DPO."""
+    nll_weight: float = 0.0
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's
+    rpo_alpha; the paper uses 1.0): add this times the chosen response's negative
+    log-likelihood per token to the loss. DPO alone can widen the gap by pushing both
+    responses down, off the reference (losing EOS); the NLL term holds the chosen one up.
+    0 is plain DPO."""
     length_normalized: bool = False
     """Average the log-probs over each response's tokens instead of summing them (SimPO's
     length normalisation, Meng et al. 2024; the IPO paper's h is on such averages):
@@ -547,6 +553,7 @@ class DPOHParams:
         v.check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         v.check(self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing",
                 f"applies to loss_type sigmoid only, not {self.loss_type}")
+        v.check(self.nll_weight >= 0, "nll_weight", f"must be >= 0, got {self.nll_weight}")
 
 
 @dataclass

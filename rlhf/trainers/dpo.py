@@ -37,8 +37,8 @@ from rlhf.trainers.base import Trainer
 from rlhf.trainers.reward import check_shared_prefix_supported
 
 REF_FILE = "ref_logprobs.pt"
-STATS = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logp", "rejected_logp",
-         "pairs")
+STATS = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_nll", "chosen_logp",
+         "rejected_logp", "pairs")
 """What a step and an evaluation report, as pair means (`pairs` is the count)."""
 
 
@@ -199,7 +199,9 @@ class DPOTrainer(Trainer):
         d = self.cfg.dpo
         chosen, rejected = self.sequence_logprobs(self.policy, batch)
         ref_chosen, ref_rejected = self.reference_logprobs(batch)
-        loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, d.beta, d.loss_type, d.label_smoothing)
+        lengths = None if d.length_normalized else response_lengths(batch)[:num_pairs(batch)].to(chosen.device)
+        loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, d.beta, d.loss_type, d.label_smoothing,
+                               d.nll_weight, lengths)
         stats.update(chosen_logp=chosen.detach().mean(), rejected_logp=rejected.detach().mean())
         return loss, stats
 
@@ -326,6 +328,11 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor], device, average: bool =
 
 def num_pairs(batch: dict[str, torch.Tensor]) -> int:
     return batch["chosen_index"].shape[0] if "chosen_index" in batch else batch["input_ids"].shape[0] // 2
+
+
+def response_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Response tokens `(2B,)` of each sequence of a batch (chosen, then rejected)."""
+    return torch.bincount(batch["target_seq"], minlength=2 * num_pairs(batch))
 
 
 def add_stats(sums: dict[str, float], loss: torch.Tensor, stats: dict[str, torch.Tensor], batch) -> None:
