@@ -370,10 +370,6 @@ class Backbone:
             # flat buffer, scale it by 1 and copy it back at each optimizer step: about 6%
             # of an SFT step of SmolLM2-135M on the CPU (benchmarks/bench_sft.py --model smollm2).
             engine.enable_backward_allreduce = False
-            # DeepSpeed's clipping there takes one norm per parameter in a Python loop and an
-            # all-reduce; step() has the global norm already, and clips with it (foreach).
-            engine.rlhf_clip_norm = engine.gradient_clipping()
-            engine._config.gradient_clipping = 0.0
         if not trainable:
             engine.eval()
         return engine
@@ -387,9 +383,6 @@ class Backbone:
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() if grads else 0.0
             self._grad_norms[id(engine)] = norm
-            coef = getattr(engine, "rlhf_clip_norm", 0.0) / (norm + 1e-6)  # DeepSpeed's (and torch's) rule
-            if 0 < coef < 1:
-                torch._foreach_mul_(grads, coef)
         engine.step()
 
     def grad_norm(self, engine) -> float:
@@ -405,8 +398,6 @@ class Backbone:
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or mean, max, min) of a tensor over ranks; returns a new tensor on the device."""
         x = x.detach().to(self.device, torch.float64 if x.is_floating_point() else x.dtype).clone()
-        if self.world_size == 1:  # nothing to exchange: no gloo round trip (several per step)
-            return x
         ops = {"sum": torch.distributed.ReduceOp.SUM, "mean": torch.distributed.ReduceOp.SUM,
                "max": torch.distributed.ReduceOp.MAX, "min": torch.distributed.ReduceOp.MIN}
         torch.distributed.all_reduce(x, op=ops[op])
