@@ -17,3 +17,12 @@ python3 benchmarks/bench_ppo.py --repeats 1 --hidden 512 --layers 8 --heads 8 --
 # ZeRO-3 rollouts against ZeRO-0 on the GPU.
 python3 benchmarks/bench_rollout.py --hidden 1024 --layers 16 --heads 16 --batch 64 --new-tokens 128 \
     --out "$OUT/rollout_gpu.json" 2>&1 | grep -E "^\||identical"
+# vLLM against HF generate as the rollout engine: PPO and GRPO on a ~1B Llama-style policy
+# (hidden 2048, 26 layers), bf16. Needs vllm on the machine (the image or .gpu/wheels);
+# without it bench_vllm.py says so and this step is skipped.
+for stage in ppo grpo; do
+    python3 benchmarks/bench_vllm.py --stage $stage --hidden 2048 --layers 26 --heads 32 --precision bf16 \
+        --rollout 64 --micro 16 --response-length 256 --steps 4 --out "$OUT/vllm_${stage}_gpu.json" 2>&1 \
+        | grep -E "^\||run |bench_vllm"
+done
+
