@@ -29,7 +29,7 @@ from rlhf.rollout.vllm import VLLMEngine
 VLLM_ARCH = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
              "tie_word_embeddings": False}
-MEMORY = 0.02  # of host memory for vLLM's KV cache: ample for these models
+KV_CACHE_GB = 0.05  # ample for these models
 
 
 def build(bb, tokenizer_dir, zero_stage, lora_r, lr=1e-2, rollout=None):
@@ -49,7 +49,7 @@ def build(bb, tokenizer_dir, zero_stage, lora_r, lr=1e-2, rollout=None):
                     p.normal_(0, 0.1)
     engine = bb.wrap(policy, ds, OptimConfig(lr=lr), micro_batch_size=4, total_steps=100)
     cfg = rollout or RolloutConfig(max_new_tokens=8, engine="vllm")
-    cfg.vllm.gpu_memory_utilization = MEMORY
+    cfg.vllm.kv_cache_gb = KV_CACHE_GB
     return tokenizer, stop_ids, engine, cfg
 
 

@@ -183,9 +183,13 @@ class VLLMConfig:
     """The vLLM rollout engine (rollout.engine: vllm): one engine per rank, in the
     training process, weights pushed from the policy after every update."""
 
-    gpu_memory_utilization: float | None = None
-    """Fraction of the device's memory vLLM takes for its weights and KV cache (on the
-    CPU: of host memory); training needs the rest. None: 0.3 on CUDA, 0.05 on the CPU."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU's memory vLLM takes for its weights and KV cache; training
+    needs the rest. Unused when kv_cache_gb is set."""
+    kv_cache_gb: float | None = None
+    """The KV cache's size in GiB, instead of gpu_memory_utilization; None: 0.5 on the
+    CPU (where vLLM would count the whole process, training included, against
+    gpu_memory_utilization), gpu_memory_utilization on CUDA."""
     tensor_parallel_size: int = 1
     """Ranks that share one engine (consecutive ranks); it must divide the number of ranks."""
     max_model_len: int | None = None
@@ -196,9 +200,10 @@ class VLLMConfig:
     memory, so that they do not compete with training (ignored on the CPU)."""
 
     def validate(self, v: Validator) -> None:
-        if self.gpu_memory_utilization is not None:
-            v.check(0 < self.gpu_memory_utilization < 1, "gpu_memory_utilization",
-                    f"must be in (0, 1), got {self.gpu_memory_utilization}")
+        v.check(0 < self.gpu_memory_utilization < 1, "gpu_memory_utilization",
+                f"must be in (0, 1), got {self.gpu_memory_utilization}")
+        if self.kv_cache_gb is not None:
+            v.check(self.kv_cache_gb > 0, "kv_cache_gb", f"must be > 0, got {self.kv_cache_gb}")
         v.check(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None:
             v.check(self.max_model_len > 0, "max_model_len", f"must be > 0, got {self.max_model_len}")

@@ -21,6 +21,8 @@ our process group, which must exist first (Backbone creates it).
 
 from __future__ import annotations
 
+import atexit
+import copy
 import os
 import tempfile
 from typing import Iterator
@@ -58,22 +60,34 @@ class VLLMEngine(RolloutEngine):
         self.sleep_mode = v.enable_sleep_mode and on_cuda
         self.tp = v.tensor_parallel_size
         hf = unwrap(policy)
-        self.vocab_size = hf.config.vocab_size
+        # Every id but pad, up to the model's vocabulary (vLLM masks the rest to -inf).
+        self.allowed_ids = [i for i in range(hf.config.vocab_size) if i != tokenizer.pad_token_id]
         # Config and tokenizer only: the weights come through sync_weights.
         self._dir = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
-        hf.config.save_pretrained(self._dir.name)
+        config = copy.deepcopy(hf.config)
+        config.architectures = [type(hf).__name__]  # vLLM picks its model class from this
+        config.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
         dtype = str(hf.dtype).removeprefix("torch.")
-        memory = v.gpu_memory_utilization if v.gpu_memory_utilization is not None else (0.3 if on_cuda else 0.05)
+        kv_gb = v.kv_cache_gb if v.kv_cache_gb is not None or on_cuda else 0.5
+        memory = dict(gpu_memory_utilization=v.gpu_memory_utilization)
+        if kv_gb is not None:
+            memory["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
         world = backbone.world_size
         launcher = dict(distributed_executor_backend="uni") if world == 1 and self.tp == 1 else \
             dict(distributed_executor_backend="external_launcher", data_parallel_size=world // self.tp)
         self.llm = LLM(model=self._dir.name, tokenizer=self._dir.name, load_format="dummy", dtype=dtype,
-                       seed=seed, tensor_parallel_size=self.tp, gpu_memory_utilization=memory,
+                       seed=seed, tensor_parallel_size=self.tp, **memory,
                        max_model_len=v.max_model_len or max_model_len, enforce_eager=not on_cuda,
                        enable_sleep_mode=self.sleep_mode, generation_config="vllm", **launcher)
         self.asleep = False
+        # Shut down before Backbone's exit handler ends the process group (vLLM's own
+        # finalizer runs after it and fails on the groups that are gone).
+        atexit.register(self.shutdown)
         self.sync_weights(policy)
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
 
     # ------------------------------------------------------------------ sampling
 
@@ -85,12 +99,11 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
 
         c = self.cfg
-        pad = self.tokenizer.pad_token_id
         return SamplingParams(
             n=1, max_tokens=c.max_new_tokens, min_tokens=c.min_new_tokens,
             temperature=0.0 if greedy else c.temperature, top_k=0 if greedy else c.top_k,
             top_p=1.0 if greedy else c.top_p, stop_token_ids=list(self.stop_ids),
-            allowed_token_ids=[i for i in range(self.vocab_size) if i != pad],
+            allowed_token_ids=self.allowed_ids,
             seed=seed, detokenize=False, skip_special_tokens=False)
 
     def generate(self, prompts: list[dict], n: int = 1, greedy: bool = False) -> Rollout:
