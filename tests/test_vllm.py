@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, subprocess_env
-from rlhf.config import ConfigError, PPOConfig, load_stage_config
+from rlhf.config import ConfigError, GRPOConfig, load_stage_config
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (pip install -e '.[vllm]')")
@@ -94,16 +94,18 @@ def test_sampled_frequencies_match_the_settings(tokenizer_dir):
         assert 0.5 * (wrong - p).abs().sum().item() > 2 * bound, left_out
 
 
-def test_config_names_the_key(tmp_path, monkeypatch):
+def test_config_names_the_key(tmp_path):
     """rollout.engine=vllm is refused at load time, naming the key, where vllm is
     absent, and with logprobs_from_generation (the training engine recomputes them)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
     base = ["policy.model.arch={model_type: llama}", "reward.model.arch={model_type: llama}",
-            "rollout.engine=vllm"]
+            f"data.path={data}", "rollout.engine=vllm"]
     if not HAVE_VLLM:
         with pytest.raises(ConfigError, match=r"rollout\.engine.*vllm is not installed"):
-            load_stage_config(PPOConfig, None, base)
+            load_stage_config(GRPOConfig, None, base)
         return
     with pytest.raises(ConfigError, match=r"rollout\.logprobs_from_generation"):
-        load_stage_config(PPOConfig, None, [*base, "rollout.logprobs_from_generation=true"])
+        load_stage_config(GRPOConfig, None, [*base, "rollout.logprobs_from_generation=true"])
     with pytest.raises(ConfigError, match=r"rollout\.vllm\.gpu_memory_utilization"):
-        load_stage_config(PPOConfig, None, [*base, "rollout.vllm.gpu_memory_utilization=1.5"])
+        load_stage_config(GRPOConfig, None, [*base, "rollout.vllm.gpu_memory_utilization=1.5"])
