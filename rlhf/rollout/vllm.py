@@ -80,7 +80,7 @@ class VLLMEngine(RolloutEngine):
                        seed=seed, tensor_parallel_size=self.tp, **memory,
                        max_model_len=v.max_model_len or max_model_len, enforce_eager=not on_cuda,
                        enable_sleep_mode=self.sleep_mode, generation_config="vllm", **launcher)
-        self.asleep = False
+        self.awake = {"weights", "kv_cache"}
         # Shut down before Backbone's exit handler ends the process group (vLLM's own
         # finalizer runs after it and fails on the groups that are gone).
         atexit.register(self.shutdown)
@@ -154,7 +154,7 @@ class VLLMEngine(RolloutEngine):
         """Push the policy's current weights into the engine (every rank, in step: under
         ZeRO-3 each gather is a collective), then drop the prefix cache, whose KV entries
         came from the old weights."""
-        self.wake_up(tags=["weights"])
+        self.wake_up(("weights",))
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=hf_weights(policy, self.backbone))
         self.llm.reset_prefix_cache()
@@ -190,16 +190,18 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ sleep (CUDA)
 
     # While the policy trains, vLLM's KV cache is freed and its weights moved to host
-    # memory (level 1), so the two do not compete for device memory.
+    # memory (level 1), so the two do not compete for device memory. The weights wake
+    # alone to be synced; everything wakes to generate.
     def sleep(self) -> None:
-        if self.sleep_mode and not self.asleep:
+        if self.sleep_mode and self.awake:
             self.llm.sleep(level=1)
-            self.asleep = True
+            self.awake = set()
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        if self.sleep_mode and self.asleep:
-            self.llm.wake_up(tags=tags)
-            self.asleep = tags is not None and "kv_cache" not in tags
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        todo = [t for t in tags if t not in self.awake]
+        if self.sleep_mode and todo:
+            self.llm.wake_up(tags=todo)
+            self.awake.update(todo)
 
 
 def hf_weights(model, backbone) -> Iterator[tuple[str, torch.Tensor]]:
