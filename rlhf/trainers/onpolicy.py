@@ -443,6 +443,7 @@ class OnPolicyTrainer(Trainer):
 
     def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.algorithm.load_state_dict(state)
+        self.engine.sync_weights(self.policy)  # the engine started from the initial weights
 
     def export(self, out_dir: Path) -> None:
         """final/ holds the policy (final/value/ the value model, with a critic)."""
