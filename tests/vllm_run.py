@@ -25,10 +25,10 @@ from rlhf.models import apply_lora, load_causal_lm, load_tokenizer, response_sto
 from rlhf.rollout import HFEngine, full_sequence, response_logprobs
 from rlhf.rollout.vllm import VLLMEngine
 
-# TINY_ARCHS' llama with heads of 32 (vLLM's CPU attention takes head sizes >= 32).
+# TINY_ARCHS' llama with heads of 32 (vLLM's CPU attention takes head sizes >= 32); tied
+# embeddings (as the quickstart's) without LoRA, untied with it.
 VLLM_ARCH = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
-             "tie_word_embeddings": False}
+             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256}
 KV_CACHE_GB = 0.05  # ample for these models
 
 
@@ -38,7 +38,8 @@ def build(bb, tokenizer_dir, zero_stage, lora_r, lr=1e-2, rollout=None):
     ds = DeepSpeedConfig(zero_stage=zero_stage)
     bb.seed_everything(0)
     with bb.model_init(ds):
-        policy = load_causal_lm(ModelConfig(arch=dict(VLLM_ARCH), dropout=0.0), tokenizer)
+        policy = load_causal_lm(ModelConfig(arch={**VLLM_ARCH, "tie_word_embeddings": lora_r == 0}, dropout=0.0),
+                                tokenizer)
     policy = apply_lora(policy, LoraConfig(r=lora_r, alpha=2 * lora_r, dropout=0.0), "CAUSAL_LM")
     if lora_r:
         # PEFT starts B at 0 (the merged weight is the base's): start it elsewhere, so the

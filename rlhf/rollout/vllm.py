@@ -66,6 +66,10 @@ class VLLMEngine(RolloutEngine):
         self._dir = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         config = copy.deepcopy(hf.config)
         config.architectures = [type(hf).__name__]  # vLLM picks its model class from this
+        # Tied input and output embeddings come as two tensors (hf_weights names both): a
+        # tied engine reloads the embedding only, and a backend that repacks the output
+        # layer (vLLM's CPU GEMMs) would keep sampling from the old one.
+        config.tie_word_embeddings = False
         config.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
         dtype = str(hf.dtype).removeprefix("torch.")
@@ -210,13 +214,13 @@ def hf_weights(model, backbone) -> Iterator[tuple[str, torch.Tensor]]:
     module's shards are gathered (Backbone.gathered) while its tensors are handed out
     and released after, so the whole model is never held twice. A LoRA layer comes out
     merged, `base + scale * B @ A` (PEFT's own delta, which knows fan-in/fan-out), under
-    its plain name (`...q_proj.weight`). Tied weights come out once.
+    its plain name (`...q_proj.weight`). A tied weight comes out under each of its names
+    (`model.embed_tokens.weight` and `lm_head.weight`).
 
     Every rank must consume the iterator fully (the gathers are collectives)."""
     from peft.tuners.lora import LoraLayer
 
     hf = unwrap(model)
-    seen: set[int] = set()
     lora_prefixes: list[str] = []
     for name, module in hf.named_modules():
         if any(name.startswith(p) for p in lora_prefixes):
@@ -229,18 +233,15 @@ def hf_weights(model, backbone) -> Iterator[tuple[str, torch.Tensor]]:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         weight += module.get_delta_weight(adapter).to(weight.dtype)
-                seen.add(id(base.weight))
                 yield f"{name}.weight", weight
                 if base.bias is not None:
-                    seen.add(id(base.bias))
                     yield f"{name}.bias", base.bias.detach().clone()
             continue
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        own = list(module.named_parameters(recurse=False))
         if not own:
             continue
         with backbone.gathered([module]):
             for n, p in own:
-                seen.add(id(p))
                 # A gathered shard's storage goes back to DeepSpeed after the context:
                 # vLLM may keep a tensor until its layer is complete, so it gets a copy.
                 yield (f"{name}.{n}" if name else n), p.detach().clone() if hasattr(p, "ds_id") else p.detach()
