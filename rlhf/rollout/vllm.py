@@ -40,12 +40,6 @@ from rlhf.rollout.hf import end_at_eos
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
 class VLLMEngine(RolloutEngine):
     """Samples with vLLM; `generate` returns the same Rollout layout as HFEngine
     (left-padded prompts, responses padded after the first stop token, action mask)."""
@@ -112,14 +106,13 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, prompts: list[dict], n: int = 1, greedy: bool = False) -> Rollout:
         rows = [p for p in prompts for _ in range(n)]
-        mine = self.tensor_parallel_share(rows)
-        ids = [list(r["prompt_ids"]) for r in mine]
         # One seed per row drawn from torch's RNG (seeded per rank by the trainer, saved
         # in checkpoints): reproducible, and different at every call.
-        seeds = torch.randint(0, 2**31 - 1, (len(ids),)).tolist()
-        params = [self.sampling_params(greedy, None if greedy else s) for s in seeds]
+        seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
+        requests = self.tensor_parallel_share([(list(r["prompt_ids"]), s) for r, s in zip(rows, seeds)])
+        params = [self.sampling_params(greedy, None if greedy else s) for _, s in requests]
         self.wake_up()
-        outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": i} for i, _ in requests], params, use_tqdm=False)
         self.sleep()
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         tokens = tokens[self.my_rows(len(rows))] if self.tp > 1 else tokens
@@ -139,14 +132,15 @@ class VLLMEngine(RolloutEngine):
         return Rollout(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), response.to(dev),
                        action_mask.to(dev), None, rows)
 
-    # With tensor parallelism the ranks of one vLLM group (consecutive ranks) must ask
-    # for the same requests: they generate their prompts together and each keeps its own.
-    def tensor_parallel_share(self, rows: list[dict]) -> list[dict]:
+    # With tensor parallelism the ranks of one vLLM group (consecutive ranks) must make
+    # the same requests (seeds included): they generate their rows together and each
+    # keeps its own.
+    def tensor_parallel_share(self, requests: list[tuple[list[int], int]]) -> list[tuple[list[int], int]]:
         if self.tp == 1:
-            return rows
-        everyone = self.backbone.all_gather_object(rows)
+            return requests
+        everyone = self.backbone.all_gather_object(requests)
         group = self.backbone.rank // self.tp * self.tp
-        return [r for rows_of in everyone[group:group + self.tp] for r in rows_of]
+        return [r for of_rank in everyone[group:group + self.tp] for r in of_rank]
 
     def my_rows(self, count: int) -> slice:
         start = (self.backbone.rank % self.tp) * count  # every rank of a group has the same count
