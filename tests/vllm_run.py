@@ -32,14 +32,14 @@ VLLM_ARCH = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
 KV_CACHE_GB = 0.05  # ample for these models
 
 
-def build(bb, tokenizer_dir, zero_stage, lora_r, lr=1e-2, rollout=None):
+def build(bb, tokenizer_dir, zero_stage, lora_r, lr=1e-2, rollout=None, tie=None):
     tokenizer = load_tokenizer(TokenizerConfig(path=tokenizer_dir))
     stop_ids = response_stop_ids(tokenizer, TokenizerConfig(path=tokenizer_dir))
     ds = DeepSpeedConfig(zero_stage=zero_stage)
     bb.seed_everything(0)
     with bb.model_init(ds):
-        policy = load_causal_lm(ModelConfig(arch={**VLLM_ARCH, "tie_word_embeddings": lora_r == 0}, dropout=0.0),
-                                tokenizer)
+        tie = lora_r == 0 if tie is None else tie
+        policy = load_causal_lm(ModelConfig(arch={**VLLM_ARCH, "tie_word_embeddings": tie}, dropout=0.0), tokenizer)
     policy = apply_lora(policy, LoraConfig(r=lora_r, alpha=2 * lora_r, dropout=0.0), "CAUSAL_LM")
     if lora_r:
         # PEFT starts B at 0 (the merged weight is the base's): start it elsewhere, so the
@@ -106,7 +106,8 @@ def sync(tokenizer_dir, zero_stage, lora_r):
 def sample(tokenizer_dir):
     bb = Backbone()
     cfg = RolloutConfig(max_new_tokens=1, temperature=0.7, top_k=12, top_p=0.8, engine="vllm")
-    tokenizer, stop_ids, policy, cfg = build(bb, tokenizer_dir, 0, 0, rollout=cfg)
+    # Untied, so that scaling the output layer peaks the distribution without touching the input.
+    tokenizer, stop_ids, policy, cfg = build(bb, tokenizer_dir, 0, 0, rollout=cfg, tie=False)
     with torch.no_grad():  # a peaked toy distribution, so top-k and top-p both cut into it
         policy.module.lm_head.weight.mul_(12.0)
     vl = VLLMEngine(policy, cfg, tokenizer, bb, stop_ids, seed=0, max_model_len=64)
