@@ -194,7 +194,7 @@ class VLLMConfig:
     """Ranks that share one engine (consecutive ranks); it must divide the number of ranks."""
     max_model_len: int | None = None
     """Longest prompt + response vLLM plans for; None: data.max_prompt_length (or
-    data.max_length) + rollout.max_new_tokens."""
+    data.max_length) + rollout.max_new_tokens, at most the model's max_position_embeddings."""
     enable_sleep_mode: bool = True
     """CUDA only: between rollouts, free vLLM's KV cache and move its weights to host
     memory, so that they do not compete with training (ignored on the CPU)."""

@@ -71,12 +71,14 @@ class VLLMEngine(RolloutEngine):
         memory = dict(gpu_memory_utilization=v.gpu_memory_utilization)
         if kv_gb is not None:
             memory["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+        # The default (longest prompt + response) capped at what the model can position.
+        positions = getattr(config, "max_position_embeddings", None) or max_model_len
         world = backbone.world_size
         launcher = dict(distributed_executor_backend="uni") if world == 1 and self.tp == 1 else \
             dict(distributed_executor_backend="external_launcher", data_parallel_size=world // self.tp)
         self.llm = LLM(model=self._dir.name, tokenizer=self._dir.name, load_format="dummy", dtype=dtype,
                        seed=seed, tensor_parallel_size=self.tp, **memory,
-                       max_model_len=v.max_model_len or max_model_len, enforce_eager=not on_cuda,
+                       max_model_len=v.max_model_len or min(max_model_len, positions), enforce_eager=not on_cuda,
                        enable_sleep_mode=self.sleep_mode, generation_config="vllm", **launcher)
         self.awake = {"weights", "kv_cache"}
         # Shut down before Backbone's exit handler ends the process group (vLLM's own
