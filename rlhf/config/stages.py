@@ -204,7 +204,8 @@ class VLLMConfig:
                 f"must be in (0, 1), got {self.gpu_memory_utilization}")
         if self.kv_cache_gb is not None:
             v.check(self.kv_cache_gb > 0, "kv_cache_gb", f"must be > 0, got {self.kv_cache_gb}")
-        v.check(self.tensor_parallel_size >= 1, "tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
+        v.check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                f"must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None:
             v.check(self.max_model_len > 0, "max_model_len", f"must be > 0, got {self.max_model_len}")
 
