@@ -100,10 +100,11 @@ def main() -> None:
     keys = ["generate_s", "step_s", "episodes_per_s", "first_generate_s", "setup_s"]
     result = compare(__file__, spec, args.repeats, keys, who=("hf", "vllm"))
     med = result["median"]
-    lines = ["| metric | hf | vllm | hf / vllm |", "|---|---|---|---|"]
+    lines = ["| metric | hf | vllm | vllm's gain |", "|---|---|---|---|"]
     for k in keys + ["peak_rss_mb"]:
         a, b = med["hf"].get(k), med["vllm"].get(k)
-        lines.append(f"| {k} | {a:.4g} | {b:.4g} | {a / b:.2f}x |")
+        gain = b / a if k.endswith("per_s") else a / b  # > 1: vLLM better
+        lines.append(f"| {k} | {a:.4g} | {b:.4g} | {gain:.2f}x |")
     result["table"] = "\n".join(lines)
     print(result["table"])
     save(result, args.out)
