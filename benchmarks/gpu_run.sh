@@ -15,6 +15,8 @@
 #    it), 64 prompts x 128 new tokens per step: episodes/s, ours beside TRL's PPOTrainer, and
 #    our split of a step (sampling + scoring, updates).
 # 3. `rlhf plan` of configs/llama-8b-zero3.yaml (8 GPUs), as a record beside the measurements.
+# With PART=vllm (a second call, when device time is left): PPO and GRPO on the same 1.0B
+# policy with vLLM against HF generate as the rollout engine (generation time, episodes/s).
 # Writes JSON under $OUT (benchmarks/results/gpu when run by hand).
 set -uo pipefail
 MODE=gpu
@@ -29,6 +31,7 @@ if [[ $MODE == gpu ]]; then
     SFT=(--batch 8 --max-length 2048 --long 80 --rows 480 --lr 3e-4 --precision bf16 --packing)
     PPO=(--rollout 64 --micro 16 --response-length 128 --steps 5 --lr 1e-6 --precision bf16)
     PLAN=(configs/llama-8b-zero3.yaml --num-gpus 8 --stages sft)
+    VLLM=("${MODEL[@]}" --rollout 64 --micro 16 --response-length 256 --steps 4 --precision bf16)
     WORK=/tmp/rlhf-gpu
     # Each part is cut off at its share of the call's 10 minutes (setup about 40 s): a part
     # that runs over still prints the runs it finished.
@@ -39,11 +42,13 @@ else
     SFT=(--batch 4 --max-length 256 --long 8 --rows 32 --lr 3e-4 --precision fp32 --packing)
     PPO=(--rollout 8 --micro 4 --response-length 8 --steps 2 --lr 1e-6 --precision fp32)
     PLAN=(configs/quickstart.yaml --device cpu --stages sft)
+    VLLM=("${MODEL[@]}" --rollout 8 --micro 4 --response-length 8 --steps 2 --precision fp32)
     WORK=/tmp/rlhf-gpu-dry
     SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=()
 fi
 mkdir -p "$OUT"
 start=$SECONDS
+if [[ ${PART:-main} == main ]]; then
 echo "== SFT ($MODE)"
 "${SFT_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 "${MODEL[@]}" "${SFT[@]}" \
     --out "$OUT/sft_1b.json" 2>&1 | grep -E "^\||run |Error|error" ; echo "sft: $((SECONDS - start)) s"
@@ -53,3 +58,13 @@ echo "== PPO ($MODE)"
 echo "== plan"
 "${PLAN_LIMIT[@]}" $PY -m rlhf.cli plan "${PLAN[@]}" 2>&1 \
     | grep -v -i warn | tee "$OUT/plan_llama8b.txt" ; echo "total: $((SECONDS - start)) s"
+else
+# PART=vllm (a second call): PPO and GRPO with vLLM against HF generate as the rollout
+# engine, on the same 1.0B policy. Needs vllm on the machine (the image or .gpu/wheels);
+# without it bench_vllm.py says so.
+for stage in ppo grpo; do
+    echo "== vLLM against HF generate: $stage ($MODE)"
+    "${PPO_LIMIT[@]}" $PY benchmarks/bench_vllm.py --stage $stage "${VLLM[@]}" \
+        --out "$OUT/vllm_${stage}.json" 2>&1 | grep -E "^\||run |bench_vllm|Error" ; echo "$stage: $((SECONDS - start)) s"
+done
+fi

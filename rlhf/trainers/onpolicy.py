@@ -112,8 +112,7 @@ class OnPolicyTrainer(Trainer):
                 ref = load_causal_lm(self.role_model("ref_policy"), self.tokenizer, self.dtype, self.stop_ids)
             self.ref_policy = bb.wrap(ref, cfg.role_deepspeed("ref_policy"))
         self.rewards = RewardSources(cfg.reward)
-        self.engine = HFEngine(self.policy, cfg.rollout, self.tokenizer, cfg.role_deepspeed("policy").zero_stage,
-                               self.stop_ids)
+        self.engine = self.make_rollout_engine()
         self.gold_reward = None
         if cfg.task is not None:
             from rlhf.task import gold_function
@@ -123,6 +122,18 @@ class OnPolicyTrainer(Trainer):
         # Sampling must differ across ranks (same seed everywhere would give every rank
         # the same random stream); models are built, so this changes no initial weight.
         torch.manual_seed(cfg.seed * 1000 + bb.rank)
+
+    def make_rollout_engine(self):
+        """rollout.engine: HF generate on the policy's own engine, or vLLM (rlhf.rollout.vllm)."""
+        cfg = self.cfg
+        if cfg.rollout.engine == "vllm":
+            from rlhf.rollout.vllm import VLLMEngine
+
+            max_len = (cfg.data.max_prompt_length or cfg.data.max_length) + cfg.rollout.max_new_tokens
+            return VLLMEngine(self.policy, cfg.rollout, self.tokenizer, self.backbone, self.stop_ids, cfg.seed,
+                              max_len)
+        return HFEngine(self.policy, cfg.rollout, self.tokenizer, cfg.role_deepspeed("policy").zero_stage,
+                        self.stop_ids)
 
     def build_extras(self) -> None:
         """What a stage adds to its models (PPO: EMA, ptx data), before sampling is seeded."""
@@ -516,6 +527,7 @@ class OnPolicyTrainer(Trainer):
 
     def load_state(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         self.algorithm.load_state_dict(state)
+        self.engine.sync_weights(self.policy)  # the engine started from the initial weights
 
     def export(self, out_dir: Path) -> None:
         """final/ holds the policy (final/value/ the value model, with a critic)."""
