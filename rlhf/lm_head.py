@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.backbone import max_over_ranks, zero3_partitioned
 from rlhf.config import ModelConfig
 from rlhf.losses import entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.models import unwrap
@@ -79,8 +80,9 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     else:
         select = select.bool()
         hidden, labels = hidden[select], targets[select]
-    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy,
-                            chunk_tokens(hf.config.vocab_size, chunk_mib), entropy_grad)
+    size = chunk_tokens(hf.config.vocab_size, chunk_mib)
+    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy, size, entropy_grad,
+                            chunks_on_every_rank(head, hidden.shape[0], size))
     if select is None:
         return lp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
     logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)
@@ -98,7 +100,19 @@ def picked_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, labels: torch
     if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
         return logprobs_from_logits(model(**kwargs).logits[rows, cols], labels)
     hidden, head = final_hidden_states(model, **kwargs)
-    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=chunk_tokens(hf.config.vocab_size, chunk_mib))[0]
+    size = chunk_tokens(hf.config.vocab_size, chunk_mib)
+    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=size,
+                         num_chunks=chunks_on_every_rank(head, rows.shape[0], size))[0]
+
+
+def chunks_on_every_rank(head: torch.nn.Module, positions: int, size: int) -> int:
+    """How many chunks of `size` positions to run through the output layer. Under
+    ZeRO-3 each call of the layer gathers its weight (in the forward, and again in the
+    backward's recomputation), a collective: every rank must call it as often as the
+    rank with the most positions, or they wait on each other forever (ranks hold rows of
+    different lengths). Elsewhere, this rank's own count."""
+    own = -(-positions // size) if size > 0 else min(positions, 1)
+    return max_over_ranks(own) if zero3_partitioned(head) else own
 
 
 def final_hidden_states(model, **kwargs) -> tuple[torch.Tensor, torch.nn.Module]:

@@ -1,5 +1,6 @@
 """No rank waits forever: every loop that runs collectives makes the same passes on every
-rank (evaluation splits that do not divide, under ZeRO-3 with every layer partitioned),
+rank (evaluation splits that do not divide, the LM head in chunks over rows of different
+lengths, under ZeRO-3 with every layer partitioned),
 and a rank that dies ends the others within the collective timeout, with a message."""
 
 import json
@@ -79,10 +80,13 @@ def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path,
     prompts_eval = tmp_path / "prompts_eval.jsonl"
     prompts_eval.write_text("".join((task_dir / "prompts_eval.jsonl").read_text().splitlines(True)[:9]))
     common = ["train.max_steps=1", "logging.progress_bar=false", "model.dropout=0.0"]
+    # The LM head in chunks of a few positions: the ranks' rows hold different numbers
+    # of targets, so different numbers of chunks, while each chunk gathers the head.
+    CHUNKS = ["model.logits_chunk_mib=0.01"]
     jobs = {
         "sft": [f"tokenizer.path={tokenizer_dir}", f"data.path={write_sft_data(tmp_path / 'sft.jsonl', 64)}",
                 f"data.eval.path={sft_eval}", "data.max_length=32", "train.global_batch_size=32",
-                "train.micro_batch_size=16", f"model.arch={json.dumps(TINY_ARCHS['llama'])}", *common],
+                "train.micro_batch_size=16", f"model.arch={json.dumps(TINY_ARCHS['llama'])}", *CHUNKS, *common],
         "rm": [f"model.path={models / 'policy'}", f"data.path={task_dir / 'pairs_train.jsonl'}",
                f"data.eval.path={pairs_eval}", "data.max_samples=64", "data.max_length=48",
                "train.global_batch_size=32", "train.micro_batch_size=16", *common],
@@ -90,7 +94,8 @@ def test_uneven_eval_splits_finish_on_two_ranks_with_partitioned_zero3(tmp_path,
                 f"reward.model.path={models / 'rm'}", f"data.path={task_dir / 'prompts_train.jsonl'}",
                 f"data.eval.path={prompts_eval}", "data.max_samples=64", "rollout.batch_size=8",
                 "rollout.max_new_tokens=8", "rollout.top_k=1", "train.global_batch_size=8",
-                "train.micro_batch_size=2", "ppo.epochs=1", "logging.progress_bar=false", "train.max_steps=1"],
+                "train.micro_batch_size=2", "ppo.epochs=1", "logging.progress_bar=false", "train.max_steps=1",
+                *(f"policy.{c}" for c in CHUNKS)],
     }
     run_jobs([[s, [f"output_dir={tmp_path / 'two' / s}", *ov, *ZERO3_PARTITIONED]] for s, ov in jobs.items()],
              tmp_path)
