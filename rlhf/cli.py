@@ -129,6 +129,12 @@ def launch_stage(stage: str, config: str, overrides: list[str], args: argparse.N
         module = __import__(f"launch.{stage}", fromlist=["main"])
         return module.main(["--config", config, *overrides])
     env = dict(os.environ)
+    # The ranks import the rlhf this launcher runs (a checkout used in place would
+    # otherwise give them whichever rlhf is installed).
+    import launch
+
+    root = str(Path(launch.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if args.num_procs and "OMP_NUM_THREADS" not in env:
         # CPU ranks share the cores; without this each rank starts one thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.num_procs or 1)))
