@@ -588,16 +588,6 @@ def zero3_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def max_over_ranks(n: int) -> int:
-    """The largest of an integer over all ranks, for calls every rank must make equally
-    often (without a process group: `n`)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=get_accelerator().current_device_name())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root`."""
     for dirpath, _, names in os.walk(root):

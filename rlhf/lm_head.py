@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.backbone import max_over_ranks, zero3_partitioned
+from rlhf.backbone import zero3_partitioned
 from rlhf.config import ModelConfig
 from rlhf.losses import entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.models import unwrap
@@ -80,9 +80,8 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     else:
         select = select.bool()
         hidden, labels = hidden[select], targets[select]
-    size = chunk_tokens(hf.config.vocab_size, chunk_mib)
-    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy, size, entropy_grad,
-                            chunks_on_every_rank(head, hidden.shape[0], size))
+    size, calls = head_chunking(head, hidden.shape[0], chunk_tokens(hf.config.vocab_size, chunk_mib))
+    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy, size, entropy_grad, calls)
     if select is None:
         return lp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
     logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)
@@ -100,39 +99,18 @@ def picked_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, labels: torch
     if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
         return logprobs_from_logits(model(**kwargs).logits[rows, cols], labels)
     hidden, head = final_hidden_states(model, **kwargs)
-    size = chunk_tokens(hf.config.vocab_size, chunk_mib)
-    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=size,
-                         num_chunks=chunks_on_every_rank(head, rows.shape[0], size))[0]
+    size, calls = head_chunking(head, rows.shape[0], chunk_tokens(hf.config.vocab_size, chunk_mib))
+    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=size, num_chunks=calls)[0]
 
 
-def chunks_on_every_rank(head: torch.nn.Module, positions: int, size: int) -> int:
-    """How many chunks of `size` positions to run through the output layer. Under
-    ZeRO-3 each call of the layer gathers its weight (in the forward, and again in the
-    backward's recomputation), a collective: every rank must call it as often as the
-    rank with the most positions, or they wait on each other forever (ranks hold rows of
-    different lengths). Elsewhere, this rank's own count."""
-    own = -(-positions // size) if size > 0 else min(positions, 1)
-    return max_over_ranks(own) if zero3_partitioned(head) else own
-
-
-def final_hidden_states(model, **kwargs) -> tuple[torch.Tensor, torch.nn.Module]:
-    """Call `model(**kwargs)` and return what its output layer was given (the final
-    hidden states of the positions `logits_to_keep` keeps, `(B, K, H)`) and that layer.
-    The layer itself is handed an empty slice, so no logits are computed."""
-    head = unwrap(model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(unwrap(model)).__name__} has no output embeddings (LM head)")
-    seen: list[torch.Tensor] = []
-
-    def take(module, args):
-        seen.append(args[0])
-        return (args[0][..., :0, :], *args[1:])
-
-    handle = head.register_forward_pre_hook(take)
-    try:
-        model(**kwargs)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise RuntimeError(f"the output layer of {type(unwrap(model)).__name__} ran {len(seen)} times in one forward")
-    return seen[0], head
+def head_chunking(head: torch.nn.Module, positions: int, size: int) -> tuple[int, int]:
+    """(positions per chunk, least number of calls) of the output layer for `positions`
+    positions, `size` a chunk. Under ZeRO-3 each call of the layer gathers its weight,
+    and DeepSpeed's prefetcher replays the order of module calls it traced: a number of
+    calls that varies between ranks hangs them, and one that varies between forwards
+    leaves a prefetched weight in flight. So there the layer runs exactly once per
+    forward, over all positions (still only the positions asked about), and
+    `model.logits_chunk_mib` does not apply."""
+    if zero3_partitioned(head):
+        return max(positions, 1), 1
+    return size, 0

@@ -103,7 +103,7 @@ def head_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, temperature:
         num_chunks: call `head` at least this often (on empty chunks after the real
             ones), and checkpoint whenever there is more than one call: under ZeRO-3
             each call gathers the head's weight, a collective every rank must make
-            equally often (see `rlhf.lm_head.chunks_on_every_rank`).
+            equally often (`rlhf.lm_head.head_chunking` asks for exactly one).
     """
     n = hidden.shape[0]
     size = chunk_tokens if 0 < chunk_tokens < n else max(n, 1)

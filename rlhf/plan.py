@@ -314,6 +314,11 @@ def train_peak(model: FakeModel, loss_fn, drop_grads: bool) -> int:
         model.module.zero_grad(set_to_none=True)
 
 
+def chunk_mib(model_cfg: ModelConfig, ds: DeepSpeedConfig) -> float:
+    """The LM head's chunks as the run takes them: none under ZeRO-3 (rlhf.lm_head.head_chunking)."""
+    return 0 if ds.zero_stage == 3 else model_cfg.logits_chunk_mib
+
+
 def causal_loss(model: FakeModel, rows: int, width: int, first: int, chunk_mib: float, temperature: float = 1.0,
                 entropy_grad: bool = False, with_entropy: bool = False):
     from rlhf.lm_head import causal_logprobs
@@ -404,7 +409,7 @@ class Planner:
                                f"checkpointing {'off' if gc == 'on' else 'on'}: {fmt(step_other)}"))
         if lm:
             full, hidden = (peak(model, fn) for fn in lm)
-            chunk = (f"{model_cfg.logits_chunk_mib:g} MiB chunks" if model_cfg.logits_chunk_mib
+            chunk = (f"{chunk_mib(model_cfg, ds):g} MiB chunks" if chunk_mib(model_cfg, ds)
                      else "all at once")
             plan.parts.append(Part(f"  of which logits ({chunk})", max(step - hidden, 0),
                                    f"all at once: {fmt(max(full - hidden, 0))}"))
@@ -423,7 +428,7 @@ class Planner:
             plan.header = [self.describe(model, "policy", cfg.deepspeed),
                            f"micro-batch {rows} x {width} tokens, every position a target"]
             self.trained_step(plan, model, cfg.model, cfg.deepspeed, self.accumulation(cfg), build, lambda m: (
-                causal_loss(m, rows, width, 1, cfg.model.logits_chunk_mib),
+                causal_loss(m, rows, width, 1, chunk_mib(cfg.model, cfg.deepspeed)),
                 causal_loss(m, rows, width, 1, 0), hidden_only_loss(m, rows, width, 1)))
         return plan
 
@@ -503,7 +508,7 @@ class Planner:
                     if role == "policy" and r.logprobs_from_generation:
                         continue
                     if role in ("policy", "ref_policy"):
-                        peak = peak_bytes(causal_loss(m, score_rows, T, P, mcfg.logits_chunk_mib, r.temperature))
+                        peak = peak_bytes(causal_loss(m, score_rows, T, P, chunk_mib(mcfg, ds), r.temperature))
                     else:
                         peak = peak_bytes(scalar_loss(m, score_rows, T))
                     score.append(peak + (m.params * (4 if ds.precision == "fp32" else 2) if ds.zero_stage == 3
@@ -517,7 +522,8 @@ class Planner:
             held = {role: roles[role][0].trainable * (4 if roles[role][2].precision == "fp32" else 2)
                     if grads_in_run[role] and accumulation > 1 else 0 for role in ("policy", "value")}
             value = roles["value"][0]
-            losses = {"policy": causal_loss(policy, micro, T, P, policy_cfg.logits_chunk_mib, r.temperature,
+            losses = {"policy": causal_loss(policy, micro, T, P, chunk_mib(policy_cfg, roles["policy"][2]),
+                                            r.temperature,
                                             cfg.ppo.entropy_coef > 0, True),
                       "value": scalar_loss(value, micro, T)}
             for role, other in (("policy", "value"), ("value", "policy")):
