@@ -114,3 +114,26 @@ def head_chunking(head: torch.nn.Module, positions: int, size: int) -> tuple[int
     if zero3_partitioned(head):
         return max(positions, 1), 1
     return size, 0
+
+
+def final_hidden_states(model, **kwargs) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Call `model(**kwargs)` and return what its output layer was given (the final
+    hidden states of the positions `logits_to_keep` keeps, `(B, K, H)`) and that layer.
+    The layer itself is handed an empty slice, so no logits are computed."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no output embeddings (LM head)")
+    seen: list[torch.Tensor] = []
+
+    def take(module, args):
+        seen.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f"the output layer of {type(unwrap(model)).__name__} ran {len(seen)} times in one forward")
+    return seen[0], head
