@@ -553,11 +553,17 @@ class Backbone:
 
     # ------------------------------------------------------------------ export
 
-    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """The whole state dict on the main rank (None elsewhere), gathering ZeRO-3 shards.
+    def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
+        """The whole state dict of a DeepSpeed engine's model (or a plain module) on the
+        main rank (None elsewhere), gathering ZeRO-3 shards.
 
         Parameters are gathered one at a time so the peak extra memory is one tensor.
         """
+        module = getattr(engine, "module", engine)
+        if hasattr(engine, "empty_partition_cache"):
+            # ZeRO-3's prefetcher can leave a parameter in flight after the last forward
+            # (an evaluation's); wait for it and release everything before gathering.
+            engine.empty_partition_cache()
         out: dict[str, torch.Tensor] = {}
         for name, p in module.named_parameters():
             if hasattr(p, "ds_id"):  # a ZeRO-3 partitioned parameter

@@ -61,7 +61,7 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     targets = input_ids[:, first:]
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   logits_to_keep=width + 1)
-    if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
+    if not chunked_head(model, chunk_mib):
         logits = model(**kwargs).logits[:, :-1].float()
         if temperature != 1.0:
             logits = logits / temperature
@@ -80,8 +80,8 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     else:
         select = select.bool()
         hidden, labels = hidden[select], targets[select]
-    size, calls = head_chunking(head, hidden.shape[0], chunk_tokens(hf.config.vocab_size, chunk_mib))
-    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy, size, entropy_grad, calls)
+    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy,
+                            chunk_tokens(hf.config.vocab_size, chunk_mib), entropy_grad)
     if select is None:
         return lp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
     logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)
@@ -96,24 +96,24 @@ def picked_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, labels: torch
     layouts whose targets sit anywhere in the rows (DPO's shared-prefix pairs). Only
     those positions go through the output layer, in chunks as in `causal_logprobs`."""
     hf = unwrap(model)
-    if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
+    if not chunked_head(model, chunk_mib):
         return logprobs_from_logits(model(**kwargs).logits[rows, cols], labels)
     hidden, head = final_hidden_states(model, **kwargs)
-    size, calls = head_chunking(head, rows.shape[0], chunk_tokens(hf.config.vocab_size, chunk_mib))
-    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=size, num_chunks=calls)[0]
+    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=chunk_tokens(hf.config.vocab_size, chunk_mib))[0]
 
 
-def head_chunking(head: torch.nn.Module, positions: int, size: int) -> tuple[int, int]:
-    """(positions per chunk, least number of calls) of the output layer for `positions`
-    positions, `size` a chunk. Under ZeRO-3 each call of the layer gathers its weight,
-    and DeepSpeed's prefetcher replays the order of module calls it traced: a number of
-    calls that varies between ranks hangs them, and one that varies between forwards
-    leaves a prefetched weight in flight. So there the layer runs exactly once per
-    forward, over all positions (still only the positions asked about), and
-    `model.logits_chunk_mib` does not apply."""
-    if zero3_partitioned(head):
-        return max(positions, 1), 1
-    return size, 0
+def chunked_head(model, chunk_mib: float) -> bool:
+    """Whether the output layer runs on its own, in chunks (else the model computes all
+    the logits it keeps, as it always did). Not under ZeRO-3: each call of a partitioned
+    layer gathers its weight, and DeepSpeed's prefetcher replays the order of module
+    calls it traced; calls that vary between ranks (each holds its own number of
+    targets) hang them, and the layer's extra calls left a prefetched weight in flight
+    at export. So `model.logits_chunk_mib` does not apply under ZeRO-3."""
+    hf = unwrap(model)
+    if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
+        return False
+    head = hf.get_output_embeddings()
+    return head is not None and not zero3_partitioned(head)
 
 
 def final_hidden_states(model, **kwargs) -> tuple[torch.Tensor, torch.nn.Module]:

@@ -77,8 +77,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def head_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False, chunk_tokens: int = 0, entropy_grad: bool = True,
-                  num_chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  with_entropy: bool = False, chunk_tokens: int = 0,
+                  entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(label) `(N,)` in float32 (and the entropy `(N,)` when asked) from the
     hidden states `(N, H)` that the output layer `head` turns into logits, without ever
     holding the logits of more than `chunk_tokens` positions.
@@ -100,20 +100,14 @@ def head_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, temperature:
         chunk_tokens: positions per chunk; 0 (or >= N) computes all at once.
         entropy_grad: with False the entropy is computed outside the autograd graph
             (for logging), so the backward neither keeps nor recomputes its graph.
-        num_chunks: call `head` at least this often (on empty chunks after the real
-            ones), and checkpoint whenever there is more than one call: under ZeRO-3
-            each call gathers the head's weight, a collective every rank must make
-            equally often (`rlhf.lm_head.head_chunking` asks for exactly one).
     """
     n = hidden.shape[0]
     size = chunk_tokens if 0 < chunk_tokens < n else max(n, 1)
-    pieces = list(zip(hidden.split(size), labels.split(size))) if n else []
-    pieces += [(hidden[:0], labels[:0])] * (num_chunks - len(pieces))
-    checkpointed = torch.is_grad_enabled() and len(pieces) > 1
+    checkpointed = torch.is_grad_enabled() and size < n
     outs = []
     # One split (not slices): its backward writes each chunk's gradient into one
     # (N, H) tensor, instead of a zero-filled (N, H) tensor per chunk.
-    for h, y in pieces:
+    for h, y in zip(hidden.split(size), labels.split(size)):
         if checkpointed:
             outs.append(checkpoint(_head_chunk, head, h, y, temperature, with_entropy, entropy_grad,
                                    use_reentrant=False))

@@ -315,7 +315,7 @@ def train_peak(model: FakeModel, loss_fn, drop_grads: bool) -> int:
 
 
 def chunk_mib(model_cfg: ModelConfig, ds: DeepSpeedConfig) -> float:
-    """The LM head's chunks as the run takes them: none under ZeRO-3 (rlhf.lm_head.head_chunking)."""
+    """The LM head's chunks as the run takes them: none under ZeRO-3 (rlhf.lm_head.chunked_head)."""
     return 0 if ds.zero_stage == 3 else model_cfg.logits_chunk_mib
 
 

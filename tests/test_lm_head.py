@@ -186,29 +186,3 @@ def test_sft_under_zero3_with_chunks_equals_full_logits(tmp_path, tokenizer_dir,
     assert len(runs["chunks"]) == 3
     assert runs["chunks"] == pytest.approx(runs["full"], abs=1e-5)
 
-
-def test_num_chunks_pads_head_calls_with_empty_chunks():
-    """Under ZeRO-3 every call of the head is a collective: a rank with fewer positions
-    runs empty chunks so that every rank calls it equally often, in the forward and in
-    the backward's recomputation; the values and gradients do not change."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(4, 7)
-    calls = []
-    head.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
-    hidden, labels = torch.randn(5, 4, requires_grad=True), torch.randint(0, 7, (5,))
-    ref = logprobs_from_logits(head(hidden), labels)
-    (g_ref,) = torch.autograd.grad(ref.sum(), hidden)
-    calls.clear()
-    lp, _ = head_logprobs(hidden, head, labels, chunk_tokens=2, num_chunks=5)  # 3 real chunks, 2 empty
-    assert calls == [2, 2, 1, 0, 0]
-    (g,) = torch.autograd.grad(lp.sum(), hidden)
-    assert calls == [2, 2, 1, 0, 0] + [0, 0, 1, 2, 2], calls  # each chunk recomputed once in the backward, last first
-    torch.testing.assert_close(lp, ref), torch.testing.assert_close(g, g_ref)
-    calls.clear()
-    lp, _ = head_logprobs(hidden, head, labels, chunk_tokens=8, num_chunks=3)  # one chunk would not checkpoint
-    lp.sum().backward()
-    assert calls == [5, 0, 0, 0, 0, 5], calls
-    torch.testing.assert_close(lp, ref)
-    calls.clear()
-    head_logprobs(hidden[:0], head, labels[:0], chunk_tokens=2, num_chunks=2)  # no position here at all
-    assert calls == [0, 0]

@@ -283,7 +283,7 @@ class DPOTrainer(Trainer):
     # ================================================================== export
 
     def export(self, out_dir: Path) -> None:
-        state = self.backbone.full_state_dict(self.policy.module)
+        state = self.backbone.full_state_dict(self.policy)
         if self.backbone.is_main:
             save_pretrained(self.policy.module, state, self.tokenizer, out_dir)
 

@@ -532,8 +532,8 @@ class OnPolicyTrainer(Trainer):
     def export(self, out_dir: Path) -> None:
         """final/ holds the policy (final/value/ the value model, with a critic)."""
         bb = self.backbone
-        state = bb.full_state_dict(self.policy.module)
-        value_state = bb.full_state_dict(self.value.module) if self.value is not None else None
+        state = bb.full_state_dict(self.policy)
+        value_state = bb.full_state_dict(self.value) if self.value is not None else None
         if bb.is_main:
             save_pretrained(self.policy.module, state, self.tokenizer, out_dir)
             if value_state is not None:

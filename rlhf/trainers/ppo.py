@@ -193,7 +193,7 @@ class PPOTrainer(OnPolicyTrainer):
             live = [t.clone() for t in self.ema_tensors()]
             for t, e in zip(self.ema_tensors(), self.ema):
                 t.copy_(e)
-            ema_state = bb.full_state_dict(self.policy.module)
+            ema_state = bb.full_state_dict(self.policy)
             for t, v in zip(self.ema_tensors(), live):
                 t.copy_(v)
             if bb.is_main:

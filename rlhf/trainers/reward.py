@@ -111,7 +111,7 @@ class RewardTrainer(Trainer):
         }
 
     def export(self, out_dir: Path) -> None:
-        state = self.backbone.full_state_dict(self.reward.module)
+        state = self.backbone.full_state_dict(self.reward)
         if self.backbone.is_main:
             save_pretrained(self.reward.module, state, self.tokenizer, out_dir)
 

@@ -111,7 +111,7 @@ class SFTTrainer(Trainer):
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
     def export(self, out_dir: Path) -> None:
-        state = self.backbone.full_state_dict(self.policy.module)
+        state = self.backbone.full_state_dict(self.policy)
         if self.backbone.is_main:
             save_pretrained(self.policy.module, state, self.tokenizer, out_dir)
 
