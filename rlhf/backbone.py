@@ -589,11 +589,6 @@ class Backbone:
         return deepspeed.zero.GatheredParameters(params)
 
 
-def zero3_partitioned(module: torch.nn.Module) -> bool:
-    """Whether ZeRO-3 partitions any of `module`'s parameters (each call then gathers them)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root`."""
     for dirpath, _, names in os.walk(root):

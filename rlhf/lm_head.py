@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.backbone import zero3_partitioned
 from rlhf.config import ModelConfig
 from rlhf.losses import entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.models import unwrap
@@ -100,6 +99,11 @@ def picked_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, labels: torch
         return logprobs_from_logits(model(**kwargs).logits[rows, cols], labels)
     hidden, head = final_hidden_states(model, **kwargs)
     return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=chunk_tokens(hf.config.vocab_size, chunk_mib))[0]
+
+
+def zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions any of `module`'s parameters (each call then gathers them)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def chunked_head(model, chunk_mib: float) -> bool:
