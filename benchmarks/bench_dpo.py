@@ -36,9 +36,8 @@ import json
 import time
 from pathlib import Path
 
-from common import (call_clock, compare, emit, floor_gflops, is_real, model_arch, parent_args, prepare,
-                    prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
-                    supervised_overrides, table, timed, timed_ours, train_timer)
+from common import (call_clock, compare, emit, floor_gflops, is_real, parent_args, prepare_pairs, save,
+                    shape_defaults, step_times, supervised_overrides, table, timed, timed_ours, train_timer)
 
 
 def heldout_reward_accuracy(policy_dir: str, ref_dir: str, tokenizer_dir: str, pairs_file: str, max_length: int,
@@ -194,16 +193,9 @@ def main() -> None:
 
     shape_defaults(args, tiny=dict(batch=32, max_length=48, lr=2e-4, beta=0.5),
                    real=dict(batch=16, max_length=128, lr=5e-6, beta=0.1))
-    source = real_model_source(args)
-    if source is not None:
-        name = real_model_name(args)
-        work = Path(args.work) / f"dpo-{name}"
-        spec = prepare_real(work, Path(args.work) / f"models-{name}", source, num_pairs=args.steps * args.batch)
-    else:
-        work = Path(args.work) / f"dpo-h{args.hidden}-l{args.layers}"
-        spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    work, spec, real = prepare_pairs(args, "dpo")
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
-                beta=args.beta, warmup=10 if source is None else 1, log_every=50, seed=42, precision=args.precision,
+                beta=args.beta, warmup=1 if real else 10, log_every=50, seed=42, precision=args.precision,
                 ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["pairs_per_s", "step_s", "first_step_s", "steps_sum_s", "reference_s", "train_s", "reward_accuracy"]
     who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")

@@ -28,9 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from common import (call_clock, compare, emit, floor_gflops, is_real, model_arch, parent_args, prepare,
-                    prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
-                    supervised_overrides, table, timed, timed_ours, train_timer)
+from common import (call_clock, compare, emit, floor_gflops, is_real, parent_args, prepare_pairs, save,
+                    shape_defaults, step_times, supervised_overrides, table, timed, timed_ours, train_timer)
 
 
 def heldout_accuracy(model_dir: str, tokenizer_dir: str, pairs_file: str, max_length: int, device: str) -> float:
@@ -162,16 +161,9 @@ def main() -> None:
     import torch
 
     shape_defaults(args, tiny=dict(batch=32, max_length=48, lr=1e-3), real=dict(batch=32, max_length=128, lr=1e-5))
-    source = real_model_source(args)
-    if source is not None:
-        name = real_model_name(args)
-        work = Path(args.work) / f"rm-{name}"
-        spec = prepare_real(work, Path(args.work) / f"models-{name}", source, num_pairs=args.steps * args.batch)
-    else:
-        work = Path(args.work) / f"rm-h{args.hidden}-l{args.layers}"
-        spec = prepare(work, model_arch(args.hidden, args.layers, args.heads))
+    work, spec, real = prepare_pairs(args, "rm")
     spec.update(work=str(work), epochs=args.epochs, batch=args.batch, max_length=args.max_length, lr=args.lr,
-                warmup=10 if source is None else 1, log_every=50, seed=42, precision=args.precision,
+                warmup=1 if real else 10, log_every=50, seed=42, precision=args.precision,
                 ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["pairs_per_s", "step_s", "first_step_s", "steps_sum_s", "train_s", "accuracy"]
     who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")

@@ -427,6 +427,20 @@ def shape_defaults(args: argparse.Namespace, tiny: dict, real: dict) -> None:
             setattr(args, k, v)
 
 
+def prepare_pairs(args: argparse.Namespace, stem: str) -> tuple[Path, dict[str, str], bool]:
+    """A pair benchmark's (RM, DPO) scratch directory and files, one per model: the real
+    model's with `args.steps x args.batch` training pairs, or the tiny model's. The last
+    value says whether the model is real."""
+    source = real_model_source(args)
+    if source is not None:
+        name = real_model_name(args)
+        work = Path(args.work) / f"{stem}-{name}"
+        return work, prepare_real(work, Path(args.work) / f"models-{name}", source,
+                                  num_pairs=args.steps * args.batch), True
+    work = Path(args.work) / f"{stem}-h{args.hidden}-l{args.layers}"
+    return work, prepare(work, model_arch(args.hidden, args.layers, args.heads)), False
+
+
 def ppo_shape_args(p: argparse.ArgumentParser, steps: int) -> None:
     """The PPO benchmark's step layout: prompts per rollout, micro-batch, response length
     (defaults: tiny model 64, 32, 24; real model 16, 8, 32 and 3 steps)."""
