@@ -17,7 +17,7 @@
 # 3. `rlhf plan` of configs/llama-8b-zero3.yaml (8 GPUs), as a record beside the measurements.
 # With PART=vllm (a second call, when device time is left): PPO and GRPO on the same 1.0B
 # policy with vLLM against HF generate as the rollout engine (generation time, episodes/s).
-# Writes JSON under $OUT (benchmarks/results/gpu when run by hand).
+# Writes JSON and each part's full log under $OUT (benchmarks/results/gpu when run by hand).
 set -uo pipefail
 MODE=gpu
 if [[ "${1:-}" == "--cpu" || "${1:-}" == "--dry" ]]; then MODE=cpu; fi
@@ -51,10 +51,10 @@ start=$SECONDS
 if [[ ${PART:-main} == main ]]; then
 echo "== SFT ($MODE)"
 "${SFT_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 "${MODEL[@]}" "${SFT[@]}" \
-    --out "$OUT/sft_1b.json" 2>&1 | grep -E "^\||run |Error|error" ; echo "sft: $((SECONDS - start)) s"
+    --out "$OUT/sft_1b.json" 2>&1 | tee "$OUT/sft_1b.log" | grep -E "^\||run |Error|error" ; echo "sft: $((SECONDS - start)) s"
 echo "== PPO ($MODE)"
 "${PPO_LIMIT[@]}" $PY benchmarks/bench_ppo.py --work $WORK --repeats 1 "${MODEL[@]}" "${PPO[@]}" --phases \
-    --out "$OUT/ppo_1b.json" 2>&1 | grep -E "^\||run |Error|error" ; echo "ppo: $((SECONDS - start)) s"
+    --out "$OUT/ppo_1b.json" 2>&1 | tee "$OUT/ppo_1b.log" | grep -E "^\||run |Error|error" ; echo "ppo: $((SECONDS - start)) s"
 echo "== plan"
 "${PLAN_LIMIT[@]}" $PY -m rlhf.cli plan "${PLAN[@]}" 2>&1 \
     | grep -v -i warn | tee "$OUT/plan_llama8b.txt" ; echo "total: $((SECONDS - start)) s"
