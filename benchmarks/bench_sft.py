@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import (arch_of, call_clock, compare, emit, floor_gflops, is_real, long_sft_rows, parent_args, prepare,
                     prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times,
-                    supervised_overrides, table, timed, timed_ours, train_timer)
+                    supervised_overrides, sync, table, timed, timed_ours, train_timer)
 
 
 def heldout_loss(model_dir: str, tokenizer_dir: str, eval_file: str, max_length: int, device: str) -> float:
@@ -135,7 +135,12 @@ def child_floor(spec: dict) -> None:
 
     cfg = load_stage_config(SFTConfig, None, supervised_overrides(spec, spec["model"], spec["sft_train"]))
     tok, steps = stage_batches("sft", cfg, collate_sft)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).train()
+    # On a GPU the floor holds bf16 weights and optimizer states (no fp32 master copy):
+    # a lower bound of what a bf16 step can cost.
+    dev = spec["device"]
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" and dev != "cpu" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype,
+                                                 attn_implementation=spec.get("attention", "sdpa")).to(dev).train()
     opt = adamw(model, spec["lr"])
     body, head = param_split(model)
     tokens, flops = 0, 0.0
@@ -143,11 +148,13 @@ def child_floor(spec: dict) -> None:
         B, T = b["input_ids"].shape
         tokens += int((b["input_ids"] != tok.pad_token_id).sum())  # packed rows have no attention mask
         flops += 6 * (body * B * T + head * B * (T - first_target(b["loss_mask"]) + 1))
+    steps = [[{k: None if v is None else v.to(dev) for k, v in b.items()} for b in mbs] for mbs in steps]
 
     seconds = []
 
     def run() -> None:
         for micro_batches in steps:
+            sync(spec)
             t0 = time.perf_counter()
             targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro_batches)
             for b in micro_batches:
@@ -157,12 +164,13 @@ def child_floor(spec: dict) -> None:
                                logits_to_keep=b["input_ids"].shape[1] - start).logits
                 lm_loss(logits, b["input_ids"][:, start:], b["loss_mask"][:, start:], targets).backward()
             optimizer_step(model, opt, 1.0)
+            sync(spec)
             seconds.append(time.perf_counter() - t0)
 
     with setup_frozen():
         dt = timed(spec, run)
     emit({"tokens_per_s": tokens / dt, "train_s": dt, "tokens": tokens, "steps": len(steps),
-          **step_times(seconds), **floor_metrics(flops, dt)})
+          **step_times(seconds), **floor_metrics(flops, dt, dev)})
 
 
 def main() -> None:
@@ -180,6 +188,9 @@ def main() -> None:
     p.add_argument("--packing", action="store_true",
                    help="pack samples into max-length rows (ours: data.packing, padding-free with FlashAttention-2; "
                         "TRL: packing=True)")
+    p.add_argument("--who", default=None,
+                   help="children to run, comma-separated from ours,trl,floor (default ours,trl; and floor on a "
+                        "real model)")
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.spec)
@@ -209,7 +220,7 @@ def main() -> None:
                 packing=args.packing, ours=args.ours + (["data.packing=true"] if args.packing else []),
                 device="cuda" if torch.cuda.is_available() else "cpu", attention=attention())
     keys = ["tokens_per_s", "step_s", "first_step_s", "steps_sum_s", "train_s", "eval_loss"]
-    who = ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
+    who = tuple(args.who.split(",")) if args.who else ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
     result = compare(__file__, spec, args.repeats, keys, who)
     if "floor" in who:
         keys += floor_gflops(result)
@@ -222,12 +233,15 @@ def main() -> None:
         with torch.device("meta"):
             n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(spec["model"])).parameters())
-        for who in ("ours", "trl"):
-            tflops = 6 * n_params * result["median"][who]["tokens_per_s"] / 1e12
-            result["median"][who]["model_tflops"] = tflops
-            result["median"][who]["mfu_vs_989"] = tflops / 989
+        # mfu_steady: at the median step's pace (the first step's allocations and any
+        # slow step left out), on the mean tokens of a step.
+        for med in result["median"].values():
+            tflops = 6 * n_params * med["tokens_per_s"] / 1e12
+            med["model_tflops"] = tflops
+            med["mfu_vs_989"] = tflops / 989
+            med["mfu_steady"] = 6 * n_params * med["tokens"] / med["steps"] / med["step_s"] / 1e12 / 989
         result["params"] = n_params
-        keys += ["model_tflops", "mfu_vs_989"]
+        keys += ["model_tflops", "mfu_vs_989", "mfu_steady"]
     result["table"] = table(result, keys, "tokens_per_s")
     print(result["table"])
     save(result, args.out)

@@ -17,14 +17,22 @@ import time
 import torch
 
 
-def matmul_gflops(n: int = 2048, reps: int = 12) -> float:
-    """GFLOP/s of an `n` x `n` fp32 matmul on this process's threads (after a warm-up)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 12, device: str = "cpu") -> float:
+    """GFLOP/s of an `n` x `n` matmul after a warm-up: fp32 on this process's CPU threads;
+    bf16 and 8192-square on a GPU (its dense peak's regime)."""
+    dtype = torch.float32
+    if device != "cpu":
+        n, reps, dtype = 8192, 20, torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -76,8 +84,8 @@ def stage_batches(stage: str, cfg, collate, steps: int | None = None) -> tuple[o
                  for s in range(total)]
 
 
-def floor_metrics(flops: float, seconds: float) -> dict[str, float]:
-    """The floor's model GFLOP/s and, in the same child, the 2048-square matmul's."""
+def floor_metrics(flops: float, seconds: float, device: str = "cpu") -> dict[str, float]:
+    """The floor's model GFLOP/s and, in the same child, the reference matmul's."""
     gflops = flops / seconds / 1e9
-    mm = matmul_gflops()
+    mm = matmul_gflops(device=device)
     return {"gflops": gflops, "flops": flops, "matmul_gflops": mm, "of_matmul": gflops / mm}

@@ -15,6 +15,7 @@
 #    it), 64 prompts x 128 new tokens per step: episodes/s, ours beside TRL's PPOTrainer, and
 #    our split of a step (sampling + scoring, updates).
 # 3. `rlhf plan` of configs/llama-8b-zero3.yaml (8 GPUs), as a record beside the measurements.
+# With PART=floor (a second call): our SFT step beside the bare-torch floor on the GPU.
 # With PART=vllm (a second call, when device time is left): PPO and GRPO on the same 1.0B
 # policy with vLLM against HF generate as the rollout engine (generation time, episodes/s).
 # Writes JSON and each part's full log under $OUT (benchmarks/results/gpu when run by hand).
@@ -29,6 +30,7 @@ if [[ $MODE == gpu ]]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     MODEL=(--hidden 2048 --intermediate 8192 --layers 16 --heads 32 --kv-heads 8)
     SFT=(--batch 8 --max-length 2048 --long 80 --rows 480 --lr 3e-4 --precision bf16 --packing)
+    FLOOR_ROWS=1600
     PPO=(--rollout 64 --micro 16 --response-length 128 --steps 5 --lr 1e-6 --precision bf16)
     PLAN=(configs/llama-8b-zero3.yaml --num-gpus 8 --stages sft)
     VLLM=("${MODEL[@]}" --rollout 64 --micro 16 --response-length 256 --steps 4 --precision bf16)
@@ -40,12 +42,15 @@ else
     OUT=${OUT:-/tmp/rlhf-gpu-dry/results}
     MODEL=(--hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2)
     SFT=(--batch 4 --max-length 256 --long 8 --rows 32 --lr 3e-4 --precision fp32 --packing)
+    FLOOR_ROWS=64
     PPO=(--rollout 8 --micro 4 --response-length 8 --steps 2 --lr 1e-6 --precision fp32)
     PLAN=(configs/quickstart.yaml --device cpu --stages sft)
     VLLM=("${MODEL[@]}" --rollout 8 --micro 4 --response-length 8 --steps 2 --precision fp32)
     WORK=/tmp/rlhf-gpu-dry
     SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=()
 fi
+SFT_PADDED=()
+for a in "${SFT[@]}"; do [[ $a == --packing ]] || SFT_PADDED+=("$a"); done
 mkdir -p "$OUT"
 start=$SECONDS
 if [[ ${PART:-main} == main ]]; then
@@ -58,6 +63,18 @@ echo "== PPO ($MODE)"
 echo "== plan"
 "${PLAN_LIMIT[@]}" $PY -m rlhf.cli plan "${PLAN[@]}" 2>&1 \
     | grep -v -i warn | tee "$OUT/plan_llama8b.txt" ; echo "total: $((SECONDS - start)) s"
+elif [[ ${PART} == floor ]]; then
+# PART=floor (a second call): our SFT step beside the floor on the GPU (the same
+# micro-batches through the bare model in bf16, fused AdamW, no DeepSpeed), packed rows
+# and padded rows, more steps than the main call: where the time of a step goes.
+echo "== SFT against the floor, packed ($MODE)"
+"${SFT_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 --who ours,floor "${MODEL[@]}" \
+    "${SFT[@]}" --rows $FLOOR_ROWS --out "$OUT/sft_1b_floor.json" 2>&1 | tee "$OUT/sft_1b_floor.log" \
+    | grep -E "^\||run |Error|error" ; echo "packed: $((SECONDS - start)) s"
+echo "== SFT against the floor, padded rows ($MODE)"
+"${PPO_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 --who ours,floor "${MODEL[@]}" \
+    "${SFT_PADDED[@]}" --out "$OUT/sft_1b_floor_padded.json" 2>&1 | tee "$OUT/sft_1b_floor_padded.log" \
+    | grep -E "^\||run |Error|error" ; echo "padded: $((SECONDS - start)) s"
 else
 # PART=vllm (a second call): PPO and GRPO with vLLM against HF generate as the rollout
 # engine, on the same 1.0B policy. Needs vllm on the machine (the image or .gpu/wheels);
