@@ -219,7 +219,8 @@ def main() -> None:
                 warmup=10 if source is None else 2, log_every=50, seed=42, precision=args.precision,
                 packing=args.packing, ours=args.ours + (["data.packing=true"] if args.packing else []),
                 device="cuda" if torch.cuda.is_available() else "cpu", attention=attention())
-    keys = ["tokens_per_s", "step_s", "first_step_s", "steps_sum_s", "train_s", "eval_loss"]
+    keys = ["tokens_per_s", "step_s", "first_step_s", "steps_sum_s", "train_s", "eval_loss", "gpu_peak_gb",
+            "alloc_retries"]
     who = tuple(args.who.split(",")) if args.who else ("ours", "trl", "floor") if is_real(args) else ("ours", "trl")
     result = compare(__file__, spec, args.repeats, keys, who)
     if "floor" in who:

@@ -230,7 +230,7 @@ def step_times(seconds: list[float]) -> dict[str, float]:
     of the others, apart: the median is the steady pace, and far less noisy. And the
     steps' sum: the training loop's time less this is what it spends between steps."""
     return {"first_step_s": seconds[0], "step_s": statistics.median(seconds[1:] or seconds),
-            "steps_sum_s": sum(seconds)}
+            "steps_sum_s": sum(seconds), "each_step_s": [round(s, 4) for s in seconds]}
 
 
 def train_timer(spec: dict):
@@ -309,6 +309,9 @@ def emit(result: dict) -> None:
     result["torch_threads"] = torch.get_num_threads()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        # cudaMalloc failures the caching allocator answered by freeing its cache and
+        # retrying (each one synchronizes: a slow step)
+        result["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     print("RESULT " + json.dumps(result), flush=True)
 
 

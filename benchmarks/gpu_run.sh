@@ -75,6 +75,16 @@ echo "== SFT against the floor, padded rows ($MODE)"
 "${PPO_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 --who ours,floor "${MODEL[@]}" \
     "${SFT_PADDED[@]}" --out "$OUT/sft_1b_floor_padded.json" 2>&1 | tee "$OUT/sft_1b_floor_padded.log" \
     | grep -E "^\||run |Error|error" ; echo "padded: $((SECONDS - start)) s"
+elif [[ ${PART} == alloc ]]; then
+# PART=alloc: our packed SFT with torch's default CUDA allocator and with expandable
+# segments (each step's time and the allocator's retries in the JSON).
+for conf in default expandable_segments:True; do
+    echo "== SFT, packed, allocator $conf ($MODE)"
+    [[ $conf == default ]] && unset PYTORCH_CUDA_ALLOC_CONF || export PYTORCH_CUDA_ALLOC_CONF=$conf
+    "${PPO_LIMIT[@]}" $PY benchmarks/bench_sft.py --work $WORK --repeats 1 --who ours "${MODEL[@]}" "${SFT[@]}" \
+        --rows $FLOOR_ROWS --out "$OUT/sft_1b_alloc_${conf%%:*}.json" 2>&1 | tee "$OUT/sft_1b_alloc_${conf%%:*}.log" \
+        | grep -E "^\||run |Error|error" ; echo "$conf: $((SECONDS - start)) s"
+done
 else
 # PART=vllm (a second call): PPO and GRPO with vLLM against HF generate as the rollout
 # engine, on the same 1.0B policy. Needs vllm on the machine (the image or .gpu/wheels);
