@@ -79,3 +79,14 @@ def test_hidden_size_is_found_under_wrappers(tokenizer):
 
     model = ScalarModel(load_scalar_model(ModelConfig(arch=TINY_ARCHS["gpt2"]), tokenizer))
     assert hidden_size_of(model) == 32  # gpt2's n_embd, behind our wrapper
+
+
+def test_cuda_allocator_setting_leaves_the_users_value():
+    from rlhf.backbone import CUDA_ALLOCATOR, set_cuda_allocator
+
+    env = {}
+    set_cuda_allocator(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOCATOR}
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    set_cuda_allocator(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
