@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.config import ModelConfig
-from rlhf.losses import entropy_from_logits, head_logprobs, logprobs_from_logits
+from rlhf.losses import LinearTokenLogprobs, entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.models import unwrap
 
 CHUNKED_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "biogpt"}
@@ -56,7 +56,6 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if first < 1:
         raise ValueError(f"first={first}: the first token has no prediction")
     width = input_ids.shape[1] - first
-    hf = unwrap(model)
     targets = input_ids[:, first:]
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   logits_to_keep=width + 1)
@@ -72,15 +71,16 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if select is not None:
             logprobs, entropy = logprobs * select, entropy * select if with_entropy else None
         return logprobs, entropy
-    hidden, head = final_hidden_states(model, **kwargs)
-    hidden = hidden[:, :-1]
-    if select is None:  # every position (and no data-dependent shapes, for rlhf.plan's fake tensors)
-        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    else:
+    if select is not None:
         select = select.bool()
-        hidden, labels = hidden[select], targets[select]
-    lp, ent = head_logprobs(hidden, head, labels, temperature, with_entropy,
-                            chunk_tokens(hf.config.vocab_size, chunk_mib), entropy_grad)
+
+    def pick(hidden):
+        hidden = hidden[:, :-1]
+        if select is None:  # every position (and no data-dependent shapes, for rlhf.plan's fake tensors)
+            return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        return hidden[select], targets[select]
+
+    lp, ent = chunked_logprobs(model, kwargs, pick, temperature, with_entropy, entropy_grad, chunk_mib)
     if select is None:
         return lp.view(targets.shape), ent.view(targets.shape) if with_entropy else None
     logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)
@@ -94,11 +94,59 @@ def picked_logprobs(model, rows: torch.Tensor, cols: torch.Tensor, labels: torch
     `model(**kwargs)` (`cols` counted among the positions `logits_to_keep` keeps), for
     layouts whose targets sit anywhere in the rows (DPO's shared-prefix pairs). Only
     those positions go through the output layer, in chunks as in `causal_logprobs`."""
-    hf = unwrap(model)
     if not chunked_head(model, chunk_mib):
         return logprobs_from_logits(model(**kwargs).logits[rows, cols], labels)
+    return chunked_logprobs(model, kwargs, lambda hidden: (hidden[rows, cols], labels), chunk_mib=chunk_mib)[0]
+
+
+def chunked_logprobs(model, kwargs: dict, pick, temperature: float = 1.0, with_entropy: bool = False,
+                     entropy_grad: bool = True, chunk_mib: float = ModelConfig.logits_chunk_mib
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label) `(N,)` in float32 (and the entropy `(N,)` with `with_entropy`) of the
+    positions that `pick` takes from the output layer's input in `model(**kwargs)`:
+    `pick(hidden (B, K, H)) -> (hidden (N, H), labels (N,))`. The output layer runs over
+    chunks of `model.logits_chunk_mib` MiB of logits (`chunked_head(model, chunk_mib)` must hold).
+
+    Under ZeRO-3 the output layer is called once per forward on every rank, as without
+    chunking, whatever number of positions each rank holds: the chunks run inside that
+    one call (`rlhf.losses.LinearTokenLogprobs` in place of the layer's forward), so
+    DeepSpeed gathers its weight once for the forward and once for the backward, and
+    reduces its gradient once. Elsewhere the model's own call of the layer computes
+    nothing and the layer is called per chunk (`rlhf.losses.head_logprobs`; LoRA on it
+    applies).
+    """
+    hf = unwrap(model)
+    chunk = chunk_tokens(hf.config.vocab_size, chunk_mib)
+    head = hf.get_output_embeddings()
+    if zero3_partitioned(head):
+        return _logprobs_inside_head(model, head, kwargs, pick, temperature, with_entropy, entropy_grad, chunk)
     hidden, head = final_hidden_states(model, **kwargs)
-    return head_logprobs(hidden[rows, cols], head, labels, chunk_tokens=chunk_tokens(hf.config.vocab_size, chunk_mib))[0]
+    hidden, labels = pick(hidden)
+    return head_logprobs(hidden, head, labels, temperature, with_entropy, chunk, entropy_grad)
+
+
+def _logprobs_inside_head(model, head: torch.nn.Linear, kwargs: dict, pick, temperature: float,
+                          with_entropy: bool, entropy_grad: bool, chunk: int):
+    """`chunked_logprobs` with the chunks inside the output layer's one call: for this
+    forward the layer's `forward` is replaced by one that returns `(N, 1)` log-probs (or
+    `(N, 2)` with the entropy), which the model hands back as its logits."""
+
+    def forward(x):
+        hidden, labels = pick(x)
+        lp, ent = LinearTokenLogprobs.apply(hidden, head.weight, head.bias, labels, temperature, with_entropy,
+                                            entropy_grad, chunk)
+        return torch.stack([lp, ent], -1) if with_entropy else lp.unsqueeze(-1)
+
+    own = head.__dict__.get("forward")  # an instance attribute (a hook library's wrapper), kept
+    head.forward = forward
+    try:
+        out = model(**kwargs).logits
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    return out[:, 0], out[:, 1] if with_entropy else None
 
 
 def zero3_partitioned(module: torch.nn.Module) -> bool:
@@ -107,17 +155,18 @@ def zero3_partitioned(module: torch.nn.Module) -> bool:
 
 
 def chunked_head(model, chunk_mib: float) -> bool:
-    """Whether the output layer runs on its own, in chunks (else the model computes all
-    the logits it keeps, as it always did). Not under ZeRO-3: each call of a partitioned
-    layer gathers its weight, and DeepSpeed's prefetcher replays the order of module
-    calls it traced; calls that vary between ranks (each holds its own number of
-    targets) hang them, and the layer's extra calls left a prefetched weight in flight
-    at export. So `model.logits_chunk_mib` does not apply under ZeRO-3."""
+    """Whether the output layer runs in chunks (`chunked_logprobs`; else the model
+    computes all the logits it keeps, as it always did). Under ZeRO-3 only for a plain
+    linear layer (not one with LoRA on it): there the chunks must run inside the layer's
+    one call per forward, since each call of a partitioned layer is a collective (a
+    call per chunk, each rank holding its own number of targets, hung 2-rank runs)."""
     hf = unwrap(model)
     if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
         return False
     head = hf.get_output_embeddings()
-    return head is not None and not zero3_partitioned(head)
+    if head is None:
+        return False
+    return not zero3_partitioned(head) or type(head) is torch.nn.Linear
 
 
 def final_hidden_states(model, **kwargs) -> tuple[torch.Tensor, torch.nn.Module]:

@@ -137,14 +137,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, with_entropy, entropy_grad):
-        z = logits.float() / temperature if temperature != 1.0 else logits.float()
-        lse = torch.logsumexp(z, dim=-1)
-        logprobs = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-        entropy = None
-        if with_entropy:  # H = lse - sum p * z, with p = exp(z - lse)
-            entropy = lse - torch.exp(z - lse.unsqueeze(-1)).mul_(z).sum(-1)
-            if not entropy_grad:
-                ctx.mark_non_differentiable(entropy)
+        logprobs, lse, entropy = _token_stats(logits, labels, temperature, with_entropy)
+        if with_entropy and not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         ctx.temperature = temperature
         ctx.save_for_backward(logits, labels, lse, entropy if entropy_grad else None)
         return logprobs, entropy
@@ -152,22 +147,101 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, labels, lse, entropy = ctx.saved_tensors
-        T = ctx.temperature
-        if grad_logprobs is None:
-            grad_logprobs = lse.new_zeros(lse.shape)
-        logp = (logits.float() / T if T != 1.0 else logits.float()) - lse.unsqueeze(-1)
-        grad = torch.exp(logp)  # p
-        if entropy is not None and grad_entropy is not None:
-            # -p * (g_lp + g_H * (log p + H)), in logp's buffer
-            coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprobs.unsqueeze(-1))
-            grad.mul_(coef).neg_()
-        else:
-            grad.mul_(-grad_logprobs.unsqueeze(-1))
-        del logp
-        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
-        if T != 1.0:
-            grad.div_(T)
+        grad = _logits_grad(logits, labels, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature)
         return grad.to(logits.dtype), None, None, None, None
+
+
+def _token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log p(label), logsumexp and (with `with_entropy`) the entropy of softmax(logits / T),
+    `(n, V) -> (n,)` each, in float32."""
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    logprobs = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:  # H = lse - sum p * z, with p = exp(z - lse)
+        entropy = lse - torch.exp(z - lse.unsqueeze(-1)).mul_(z).sum(-1)
+    return logprobs, lse, entropy
+
+
+def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
+                 grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+                 T: float) -> torch.Tensor:
+    """d(g_lp . logp + g_H . H) / d logits in float32, `(n, V)`: with z = logits / T,
+    d logp / dz = onehot(label) - p and dH / dz = -p * (log p + H). `entropy` None:
+    no entropy term."""
+    if grad_logprobs is None:
+        grad_logprobs = lse.new_zeros(lse.shape)
+    logp = (logits.float() / T if T != 1.0 else logits.float()) - lse.unsqueeze(-1)
+    grad = torch.exp(logp)  # p
+    if entropy is not None and grad_entropy is not None:
+        # -p * (g_lp + g_H * (log p + H)), in logp's buffer
+        coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprobs.unsqueeze(-1))
+        grad.mul_(coef).neg_()
+    else:
+        grad.mul_(-grad_logprobs.unsqueeze(-1))
+    del logp
+    grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+    if T != 1.0:
+        grad.div_(T)
+    return grad
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """`head_logprobs` for a linear output layer given as its weight `(V, H)` and bias
+    (or None), in one autograd node: the forward and the backward each loop over chunks
+    of `chunk_tokens` positions, recomputing a chunk's logits in the backward, so at most
+    one chunk's logits exist at a time; the gradients of the hidden states, the weight
+    and the bias come out once, summed over the chunks.
+
+    For a layer whose weight must not be used outside one call of its module (ZeRO-3
+    gathers a partitioned weight for the call and, for its backward, again): run it as
+    that module's forward (rlhf.lm_head), one call however many chunks there are.
+    Returns log p `(N,)` and the entropy `(N,)` (None without `with_entropy`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy, entropy_grad, chunk_tokens):
+        n = hidden.shape[0]
+        size = chunk_tokens if 0 < chunk_tokens < n else max(n, 1)
+        logprobs = hidden.new_empty(n, dtype=torch.float32)
+        lse = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if with_entropy else None
+        for s in range(0, n, size):
+            logits = F.linear(hidden[s:s + size], weight, bias)
+            lp, z, ent = _token_stats(logits, labels[s:s + size], temperature, with_entropy)
+            logprobs[s:s + size], lse[s:s + size] = lp, z
+            if with_entropy:
+                entropy[s:s + size] = ent
+        if with_entropy and not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        ctx.temperature, ctx.size, ctx.has_bias = temperature, size, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy if entropy_grad else None)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        size = ctx.size
+        grad_hidden = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        for s in range(0, hidden.shape[0], size):
+            h = hidden[s:s + size]
+            logits = F.linear(h, weight, bias)
+            grad = _logits_grad(logits, labels[s:s + size], lse[s:s + size],
+                                None if entropy is None else entropy[s:s + size],
+                                None if grad_logprobs is None else grad_logprobs[s:s + size],
+                                None if grad_entropy is None else grad_entropy[s:s + size],
+                                ctx.temperature).to(logits.dtype)
+            del logits
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[s:s + size])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h)
+            if grad_bias is not None:
+                grad_bias.add_(grad.sum(0))
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

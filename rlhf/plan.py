@@ -315,8 +315,12 @@ def train_peak(model: FakeModel, loss_fn, drop_grads: bool) -> int:
 
 
 def chunk_mib(model_cfg: ModelConfig, ds: DeepSpeedConfig) -> float:
-    """The LM head's chunks as the run takes them: none under ZeRO-3 (rlhf.lm_head.chunked_head)."""
-    return 0 if ds.zero_stage == 3 else model_cfg.logits_chunk_mib
+    """The LM head's chunks as the run takes them (rlhf.lm_head.chunked_head): none under
+    ZeRO-3 when LoRA adapts the output layer."""
+    targets = model_cfg.lora.target_modules or [] if model_cfg.lora.r else []
+    if ds.zero_stage == 3 and any(name in targets for name in ("lm_head", "embed_out", "output")):
+        return 0
+    return model_cfg.logits_chunk_mib
 
 
 def causal_loss(model: FakeModel, rows: int, width: int, first: int, chunk_mib: float, temperature: float = 1.0,

@@ -10,9 +10,10 @@ import torch
 
 from conftest import TINY_ARCHS
 from rlhf.config import ModelConfig
-from rlhf.lm_head import CHUNKED_HEAD_MODEL_TYPES, causal_logprobs, chunk_tokens, final_hidden_states
+from rlhf.lm_head import (CHUNKED_HEAD_MODEL_TYPES, causal_logprobs, chunk_tokens, chunked_head, final_hidden_states,
+                          zero3_partitioned)
 from rlhf.losses import entropy_from_logits, head_logprobs, lm_loss, logprobs_from_logits, nll_loss
-from rlhf.models import load_causal_lm, position_ids_from_mask
+from rlhf.models import load_causal_lm, position_ids_from_mask, unwrap
 
 
 def test_head_logprobs_equal_full_logits_in_values_and_gradients():
@@ -38,6 +39,43 @@ def test_head_logprobs_equal_full_logits_in_values_and_gradients():
         for chunk in (1, 4, N, 0, 100):  # chunks of 1 and 4 (a ragged last one), one chunk, none
             for got, want in zip(run(chunk, temperature), ref):
                 assert torch.allclose(got, want, atol=1e-6), (chunk, temperature)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_token_logprobs_equal_full_logits_in_values_and_gradients(bias):
+    """The one-node form ZeRO-3 runs inside the output layer's call: the same values and
+    gradients (hidden states, weight, bias) as all logits at once."""
+    from rlhf.losses import LinearTokenLogprobs
+
+    torch.manual_seed(0)
+    N, H, V = 11, 6, 13
+    hidden0, head0 = torch.randn(N, H), torch.nn.Linear(H, V, bias=bias)
+    labels, weights = torch.randint(0, V, (N,)), torch.randn(N)
+
+    def run(chunk, temperature, entropy_grad=True):
+        hidden, head = hidden0.clone().requires_grad_(), copy.deepcopy(head0)
+        if chunk is None:
+            logits = head(hidden).float() / temperature
+            lp, ent = logprobs_from_logits(logits, labels), entropy_from_logits(logits)
+        else:
+            lp, ent = LinearTokenLogprobs.apply(hidden, head.weight, head.bias, labels, temperature, True,
+                                                entropy_grad, chunk)
+        loss = (weights * lp).sum() + ((0.3 * weights * ent).sum() if entropy_grad else 0)
+        loss.backward()
+        return lp.detach(), ent.detach(), hidden.grad, head.weight.grad, head.bias.grad if bias else None
+
+    for temperature in (1.0, 0.7):
+        ref = run(None, temperature)
+        for chunk in (1, 4, N, 0, 100):
+            for got, want in zip(run(chunk, temperature), ref):
+                assert (got is None and want is None) or torch.allclose(got, want, atol=1e-6), (chunk, temperature)
+    # entropy off the graph: log-prob gradients only, the entropy still reported
+    hidden, head = hidden0.clone().requires_grad_(), copy.deepcopy(head0)
+    logits = head(hidden)
+    (weights * logprobs_from_logits(logits, labels)).sum().backward()
+    got = run(4, 1.0, entropy_grad=False)
+    assert torch.allclose(got[1], entropy_from_logits(logits).detach(), atol=1e-6)
+    assert torch.allclose(got[2], hidden.grad, atol=1e-6) and torch.allclose(got[3], head.weight.grad, atol=1e-6)
 
 
 def test_entropy_off_the_graph_and_not_asked_for():
@@ -165,8 +203,9 @@ def test_sft_loss_from_chunks_equals_lm_loss(tokenizer):
 
 
 def test_sft_under_zero3_with_chunks_equals_full_logits(tmp_path, tokenizer_dir, backbone):
-    """The LM head's weight is a partitioned parameter under ZeRO-3: calling the head
-    module per chunk gathers it, in the forward and in the recomputing backward."""
+    """The LM head's weight is a partitioned parameter under ZeRO-3: the chunks run inside
+    the head's one call per forward (gathered there, and again for the backward); the
+    losses equal the full logits' (2 ranks with uneven targets: tests/test_hangs.py)."""
     from test_sft import losses, write_sft_data
 
     from rlhf.config import SFTConfig, load_stage_config
@@ -181,7 +220,11 @@ def test_sft_under_zero3_with_chunks_equals_full_logits(tmp_path, tokenizer_dir,
             "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=3", "optim.lr=3e-3",
             "model.dropout=0.0", "logging.progress_bar=false", f"model.arch={json.dumps(TINY_ARCHS['llama'])}",
             "deepspeed.zero_stage=3", f"model.logits_chunk_mib={chunk_mib}"])
-        SFTTrainer(cfg, backbone).fit()
+        trainer = SFTTrainer(cfg, backbone)
+        trainer.fit()
+        # the head is partitioned, and chunked inside its one call per forward
+        assert chunked_head(trainer.policy, chunk_mib) == (chunk_mib > 0)
+        assert zero3_partitioned(unwrap(trainer.policy).get_output_embeddings())
         runs[name] = losses(out)
     assert len(runs["chunks"]) == 3
     assert runs["chunks"] == pytest.approx(runs["full"], abs=1e-5)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.config import ModelConfig
-from rlhf.lm_head import CHUNKED_HEAD_MODEL_TYPES, chunk_tokens, final_hidden_states
-from rlhf.losses import entropy_from_logits, head_logprobs, logprobs_from_logits
-from rlhf.models import custom_attention_mask, position_ids_from_mask, unwrap
+from rlhf.lm_head import chunked_head, chunked_logprobs
+from rlhf.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.models import custom_attention_mask, position_ids_from_mask
 
 
 @dataclass
@@ -72,14 +72,13 @@ def group_logprobs(model, layout: GroupLayout, temperature: float = 1.0, with_en
     """`rlhf.rollout.response_logprobs` of the responses in the group layout: log-probs
     `(B, R)` (and entropy `(B, R)` with `with_entropy`), 0 off the action mask; only the
     action tokens go through the LM head, in chunks (rlhf.lm_head)."""
-    hf = unwrap(model)
     B, R = layout.response_ids.shape
     first = int(layout.predictors.min())
     kwargs = dict(input_ids=layout.input_ids, attention_mask=custom_attention_mask(model, layout.allowed),
                   position_ids=layout.position_ids, use_cache=False, logits_to_keep=layout.input_ids.shape[1] - first)
     cols = layout.predictors - first
     select = layout.action_mask.bool()
-    if chunk_mib <= 0 or hf.config.model_type not in CHUNKED_HEAD_MODEL_TYPES:
+    if not chunked_head(model, chunk_mib):
         logits = model(**kwargs).logits[:, cols].float().reshape(B, R, -1)
         if temperature != 1.0:
             logits = logits / temperature
@@ -88,10 +87,9 @@ def group_logprobs(model, layout: GroupLayout, temperature: float = 1.0, with_en
             return logprobs
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
             return logprobs, entropy_from_logits(logits) * select
-    hidden, head = final_hidden_states(model, **kwargs)
-    hidden = hidden[:, cols].reshape(B, R, -1)[select]
-    lp, ent = head_logprobs(hidden, head, layout.response_ids[select], temperature, with_entropy,
-                            chunk_tokens(hf.config.vocab_size, chunk_mib), entropy_grad)
+    lp, ent = chunked_logprobs(model, kwargs,
+                               lambda hidden: (hidden[:, cols].reshape(B, R, -1)[select], layout.response_ids[select]),
+                               temperature, with_entropy, entropy_grad, chunk_mib)
     logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)
     if not with_entropy:
         return logprobs
