@@ -58,6 +58,17 @@ def sft_after(model, ids, mask, loss_mask, chunk_mib):
     return nll_loss(lp, loss_mask[:, 1:])
 
 
+def zero3_form(fn):
+    """`fn` with the chunks inside the output layer's one call, as under ZeRO-3
+    (rlhf.lm_head.chunked_logprobs), here on an unpartitioned model."""
+    from unittest import mock
+
+    def run():
+        with mock.patch("rlhf.lm_head.zero3_partitioned", return_value=True):
+            return fn()
+    return run
+
+
 def ppo_before(model, ids, mask, P, old, adv, temperature=0.7):
     """response_logprobs(with_entropy=True, entropy_grad=False) as the PPO train step called it."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
@@ -142,10 +153,12 @@ def main() -> None:
     runs = {
         "sft": {"before": lambda: sft_before(model, ids, mask, loss_mask),
                 "after": lambda: sft_after(model, ids, mask, loss_mask, args.chunk_mib),
+                "after, ZeRO-3's form": zero3_form(lambda: sft_after(model, ids, mask, loss_mask, args.chunk_mib)),
                 "body": lambda: body_only(model, ids, mask, 1)},
         "ppo": {"before": lambda: ppo_before(model, ids, mask, P, old, adv),
                 "after": lambda: ppo_after(model, ids, mask, P, old, adv, args.chunk_mib),
                 "after, entropy off": lambda: ppo_after(model, ids, mask, P, old, adv, args.chunk_mib, False),
+                "after, ZeRO-3's form": zero3_form(lambda: ppo_after(model, ids, mask, P, old, adv, args.chunk_mib)),
                 "body": lambda: body_only(model, ids, mask, P)},
         "dpo": {"before": lambda: dpo_step(model, dpo_batch, 0),
                 "after": lambda: dpo_step(model, dpo_batch, args.chunk_mib),

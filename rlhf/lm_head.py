@@ -11,8 +11,11 @@ forward and in the backward.
 The hidden states are the output layer's own input, taken by a hook as the model
 calls it (and handed a zero-width slice, so that the model computes no logits). The
 model is called as before (the DeepSpeed engine, PEFT, any family), and the output
-layer is called as a module (`get_output_embeddings()`, whatever its name), so ZeRO-3
-gathers its weight and LoRA adapts it. Families that change the logits after the
+layer is called as a module (`get_output_embeddings()`, whatever its name) per chunk,
+so LoRA adapts it. Under ZeRO-3 each call of a partitioned layer is a collective, and
+the ranks hold different numbers of positions: there the chunks run inside the layer's
+one call per forward, as its forward for that call (`chunked_logprobs`), with its
+gathered weight. Families that change the logits after the
 output layer (Gemma 2's soft-capping, Cohere's and Granite's scaling) are not in
 `CHUNKED_HEAD_MODEL_TYPES` and take the full-logits path, which computes the same
 numbers with the old memory.

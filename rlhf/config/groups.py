@@ -54,9 +54,8 @@ class ModelConfig:
     """Causal LMs: log-probabilities and losses run the LM head over chunks of positions
     whose float32 logits take at most this many MiB (forward and backward), instead of
     materialising all `(batch, tokens, vocabulary)` logits; the same numbers up to
-    rounding. 0 computes all logits at once, as does ZeRO-3 for now (calls of a
-    partitioned output layer that vary between ranks and forwards break DeepSpeed's
-    gathering; rlhf.lm_head.chunked_head). See rlhf/lm_head.py."""
+    rounding. 0 computes all logits at once, as does ZeRO-3 when LoRA adapts the output
+    layer (rlhf.lm_head.chunked_head). See rlhf/lm_head.py."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, v: Validator) -> None:
