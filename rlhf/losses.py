@@ -166,13 +166,16 @@ def _token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
 
 def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
                  grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None,
-                 T: float) -> torch.Tensor:
+                 T: float, overwrite: bool = False) -> torch.Tensor:
     """d(g_lp . logp + g_H . H) / d logits in float32, `(n, V)`: with z = logits / T,
     d logp / dz = onehot(label) - p and dH / dz = -p * (log p + H). `entropy` None:
-    no entropy term."""
+    no entropy term. With `overwrite`, float32 `logits` are used as a work buffer."""
     if grad_logprobs is None:
         grad_logprobs = lse.new_zeros(lse.shape)
-    logp = (logits.float() / T if T != 1.0 else logits.float()) - lse.unsqueeze(-1)
+    if overwrite and logits.dtype == torch.float32:
+        logp = (logits.div_(T) if T != 1.0 else logits).sub_(lse.unsqueeze(-1))
+    else:
+        logp = (logits.float() / T if T != 1.0 else logits.float()) - lse.unsqueeze(-1)
     grad = torch.exp(logp)  # p
     if entropy is not None and grad_entropy is not None:
         # -p * (g_lp + g_H * (log p + H)), in logp's buffer
@@ -228,13 +231,11 @@ class LinearTokenLogprobs(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if ctx.has_bias and ctx.needs_input_grad[2] else None
         for s in range(0, hidden.shape[0], size):
             h = hidden[s:s + size]
-            logits = F.linear(h, weight, bias)
-            grad = _logits_grad(logits, labels[s:s + size], lse[s:s + size],
+            grad = _logits_grad(F.linear(h, weight, bias), labels[s:s + size], lse[s:s + size],
                                 None if entropy is None else entropy[s:s + size],
                                 None if grad_logprobs is None else grad_logprobs[s:s + size],
                                 None if grad_entropy is None else grad_entropy[s:s + size],
-                                ctx.temperature).to(logits.dtype)
-            del logits
+                                ctx.temperature, overwrite=True).to(weight.dtype)
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[s:s + size])
             if grad_weight is not None:
