@@ -589,10 +589,13 @@ class Backbone:
             elif self.is_main:
                 out[name] = p.detach().to("cpu", copy=True)
         if self.is_main:
-            params = dict(module.named_parameters())
-            for name, b in module.state_dict().items():
-                if name not in out and name not in params:
-                    out[name] = b.detach().to("cpu", copy=True)
+            # The state dict also names tied parameters under their second name (a tied
+            # LM head: named_parameters() yields the embedding only): take the gathered
+            # copy, not the ZeRO-3 placeholder. Then buffers.
+            names = {id(p): name for name, p in module.named_parameters()}
+            for name, t in module.state_dict(keep_vars=True).items():
+                if name not in out:
+                    out[name] = out[names[id(t)]] if id(t) in names else t.detach().to("cpu", copy=True)
             return out
         return None
 

@@ -77,6 +77,26 @@ def test_sft_learns_and_exports(family, tmp_path, sft_data, tokenizer_dir, backb
         assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
 
 
+def test_zero3_export_of_tied_embeddings_loads_in_transformers(tmp_path, sft_data, tokenizer_dir, backbone):
+    """A tied LM head (SmolLM2, GPT-2, OPT) under ZeRO-3: the state dict names the tied
+    weight twice, and the export once wrote the second name's partitioned placeholder
+    (shape [0]), which transformers refuses to load."""
+    from transformers import AutoModelForCausalLM
+
+    tied = json.dumps({**TINY_ARCHS["llama"], "tie_word_embeddings": True})
+    cfg = make_cfg(tmp_path, sft_data, tokenizer_dir, "train.max_steps=2", "deepspeed.zero_stage=3",
+                   f"model.arch={tied}")
+    trainer = SFTTrainer(cfg, backbone)
+    trainer.fit()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").eval()
+    assert hf.lm_head.weight.shape == hf.model.embed_tokens.weight.shape
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    trainer.policy.eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x).logits, trainer.policy(input_ids=x).logits, atol=1e-5)
+
+
 def test_gradient_accumulation_equals_bigger_batch(tmp_path, sft_data, tokenizer_dir, backbone):
     # batch 8 at once vs 4 micro-batches of 2: the token-normalised loss makes them equal
     # even though the micro-batches hold different numbers of response tokens.
