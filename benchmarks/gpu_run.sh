@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/RESULTS.md in one call on a lent H100 (about 6-8 minutes,
-# installs included):
+# The GPU measurements of benchmarks/RESULTS.md in one call on a lent H100 (measured on
+# 2026-11-27: 343 s, installs included; the machine's start about 35 s more):
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".gpu"], timeout_s=600)
 # Build .gpu/wheels first with benchmarks/gpu_wheels.sh. Check the script on the CPU first,
 # same commands at toy sizes (fp32, a minute or two):
@@ -15,9 +15,13 @@
 #    it), 64 prompts x 128 new tokens per step: episodes/s, ours beside TRL's PPOTrainer, and
 #    our split of a step (sampling + scoring, updates).
 # 3. `rlhf plan` of configs/llama-8b-zero3.yaml (8 GPUs), as a record beside the measurements.
-# With PART=floor (a second call): our SFT step beside the bare-torch floor on the GPU.
+# With PART=floor (a second call, 236 s): our SFT step beside the bare-torch floor on the GPU.
+# With PART=alloc (191 s): packed SFT with the default CUDA allocator and expandable segments.
 # With PART=vllm (a second call, when device time is left): PPO and GRPO on the same 1.0B
 # policy with vLLM against HF generate as the rollout engine (generation time, episodes/s).
+# It needs vllm there: the lent image has none and its CUDA wheel is over what a call can
+# carry (64 MiB), so on that image it cannot run.
+# Next time, in the main call's place (the allocator fix is in since): PPO's first step.
 # Writes JSON and each part's full log under $OUT (benchmarks/results/gpu when run by hand).
 set -uo pipefail
 MODE=gpu
