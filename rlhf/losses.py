@@ -212,8 +212,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logprobs) if with_entropy else None
         for s in range(0, n, size):
             logits = F.linear(hidden[s:s + size], weight, bias)
-            lp, z, ent = _token_stats(logits, labels[s:s + size], temperature, with_entropy)
-            logprobs[s:s + size], lse[s:s + size] = lp, z
+            lp, chunk_lse, ent = _token_stats(logits, labels[s:s + size], temperature, with_entropy)
+            logprobs[s:s + size], lse[s:s + size] = lp, chunk_lse
             if with_entropy:
                 entropy[s:s + size] = ent
         if with_entropy and not entropy_grad:
