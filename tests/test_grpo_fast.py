@@ -178,3 +178,39 @@ def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, ta
                 "ppo/value_grad_norm"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert all(torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5) for k in weights["true"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_generation_prefills_each_prompt_once_per_group(tokenizer, family):
+    """`sample_responses` with group = G computes the prompts' cache on one row per group
+    and repeats it: the same tokens (greedy and sampled under one seed) and log-probs as
+    every row prefilling its own copy; prompts of different lengths, one of a single
+    token (nothing to cache for it but padding)."""
+    from rlhf.config import ModelConfig, RolloutConfig
+    from rlhf.models import load_causal_lm
+    from rlhf.rollout.hf import sample_responses
+    from conftest import TINY_ARCHS
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(arch=dict(TINY_ARCHS[family]), dropout=0.0), tokenizer).eval()
+    G = 3
+    prompt_ids, prompt_mask, _, _ = rollout_batch(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, G,
+                                                  prompt_lengths=(5, 1, 7, 3))
+    cfg = RolloutConfig(max_new_tokens=8, temperature=0.8)
+    shapes = []  # the (rows, columns) each forward reads
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    B, P = prompt_ids.shape
+    for greedy in (True, False):
+        outs = []
+        for group in (1, G):
+            torch.manual_seed(3)
+            shapes.clear()
+            outs.append(sample_responses(model, prompt_ids, prompt_mask, cfg, [tokenizer.eos_token_id],
+                                         tokenizer.pad_token_id, greedy, with_logprobs=True, group=group))
+            # the prompts are read once per row, or once per group and then only their last column
+            assert shapes[:2] == ([(B, P), (B, 1)] if group == 1 else [(B // G, P - 1), (B, 1)])
+        (ids, lp), (gids, glp) = outs
+        assert torch.equal(ids, gids)
+        assert torch.allclose(lp, glp, atol=1e-5)
+    if not greedy:
+        assert len({tuple(r) for r in ids[:G].tolist()}) > 1  # a group's rows sampled apart

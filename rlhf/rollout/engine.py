@@ -61,7 +61,8 @@ class HFEngine(RolloutEngine):
         response, action_mask, logprobs = generate(self.policy, prompt_ids, prompt_mask, self.cfg, self.tokenizer,
                                                    self.zero_stage, greedy=greedy,
                                                    with_logprobs=self.cfg.logprobs_from_generation,
-                                                   stop_ids=self.stop_ids)
+                                                   stop_ids=self.stop_ids,
+                                                   group=n if self.cfg.shared_prefix else 1)
         return Rollout(prompt_ids, prompt_mask, response, action_mask, logprobs, prompts)
 
     def sync_weights(self, policy) -> None:

@@ -20,6 +20,8 @@ output that predicts it sits at position P + t - 1.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 
 import torch
 
@@ -94,8 +96,8 @@ def torch_linear():
 @torch.no_grad()
 def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: RolloutConfig, tokenizer,
              zero_stage: int, greedy: bool = False, with_logprobs: bool = False,
-             stop_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sample one response per prompt with the policy's engine.
+             stop_ids: list[int] | None = None, group: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sample one response per prompt row with the policy's engine.
 
     Args:
         engine: the policy's DeepSpeed engine.
@@ -105,6 +107,8 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
         with_logprobs: also return the policy's log-probs of the chosen tokens, read off
             the logits generation computed (see `sample_responses`).
         stop_ids: the tokens that end a response; None: the tokenizer's EOS.
+        group: rows `k group .. k group + group - 1` hold copies of one prompt: its
+            prefill runs once for them (`sample_responses`). 1: every row on its own.
 
     Returns:
         response_ids `(B, R)` (pad after the first EOS), action_mask `(B, R)`, with
@@ -115,11 +119,13 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
     was_training = engine.module.training
     engine.module.eval()
     chunk = cfg.micro_batch_size or prompt_ids.shape[0]
+    # chunks start at multiples of `chunk`: blocks of gcd(chunk, group) rows stay one prompt's
+    group = math.gcd(chunk, group)
     outs = []
     with generation_context(engine, zero_stage):
         for i in range(0, prompt_ids.shape[0], chunk):
             outs.append(sample_responses(engine.module, prompt_ids[i:i + chunk], prompt_mask[i:i + chunk], cfg,
-                                         stop_ids, tokenizer.pad_token_id, greedy, with_logprobs))
+                                         stop_ids, tokenizer.pad_token_id, greedy, with_logprobs, group))
     if was_training:
         engine.module.train()
     response = cat_padded([o[0] for o in outs], tokenizer.pad_token_id)
@@ -131,8 +137,8 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
 
 @torch.no_grad()
 def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, s, stop_ids: int | list[int],
-                     pad_id: int, greedy: bool = False,
-                     with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     pad_id: int, greedy: bool = False, with_logprobs: bool = False,
+                     group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One HF `generate` call on a causal LM (plain or PEFT): the generated ids `(B, R)`
     (HF pads rows that ended) and, with `with_logprobs`, their log-probs `(B, R)`.
 
@@ -144,6 +150,11 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     step's logits go through `SamplingSteps`: EOS held back before min_new_tokens, pad
     never chosen, then temperature, top-k and top-p, then one token drawn. Generation
     of a row stops at the first of `stop_ids`.
+
+    With `group` > 1 (rows `k group .. k group + group - 1` are copies of one prompt),
+    the prompts' key/value cache is computed once per group and repeated for its rows
+    (`shared_prompt_cache`): the prefill reads B / group rows instead of B. Same tokens
+    and log-probs up to the rounding of another batch shape.
     """
     from transformers import GenerationConfig
 
@@ -151,10 +162,33 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     steps = SamplingSteps(s, stop_ids, pad_id, prompt_ids.shape[1], greedy, with_logprobs, prompt_ids.device)
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=pad_id, use_cache=True)
+    cache = {}
+    if group > 1 and prompt_ids.shape[1] > 1:
+        cache = shared_prompt_cache(model, prompt_ids, prompt_mask, group)
     with own_generation_config(model):
         seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg,
-                             logits_processor=steps.processors())
+                             logits_processor=steps.processors(), **cache)
     return seq[:, prompt_ids.shape[1]:], steps.logprobs()
+
+
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
+    """The key/value cache of the prompts' first P - 1 columns, computed on one row per
+    group (rows `k group` of `(B, P)` left-padded prompts) and repeated `group` times,
+    so it stands for all B rows. HF `generate` handed it runs only the last prompt
+    column and the new tokens: a cache must leave at least one input column to compute
+    the first token's logits from. Positions as `generate` gives them (restarting at
+    the first real token); no logits are computed here beyond one column. Returns the
+    keyword argument for `generate` (`cache` from transformers 5.24, `past_key_values`
+    before)."""
+    ids, mask = prompt_ids[::group, :-1], prompt_mask[::group, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(hf.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache = getattr(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep), name)
+    cache.batch_repeat_interleave(group)
+    return {name: cache}
 
 
 @contextlib.contextmanager
