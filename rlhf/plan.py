@@ -314,11 +314,14 @@ def train_peak(model: FakeModel, loss_fn, drop_grads: bool) -> int:
         model.module.zero_grad(set_to_none=True)
 
 
-def chunk_mib(model_cfg: ModelConfig, ds: DeepSpeedConfig) -> float:
+def chunk_mib(model: FakeModel, model_cfg: ModelConfig, ds: DeepSpeedConfig) -> float:
     """The LM head's chunks as the run takes them (rlhf.lm_head.chunked_head): none under
-    ZeRO-3 when LoRA adapts the output layer."""
-    targets = model_cfg.lora.target_modules or [] if model_cfg.lora.r else []
-    if ds.zero_stage == 3 and any(name in targets for name in ("lm_head", "embed_out", "output")):
+    ZeRO-3 when the output layer is not a plain linear layer (LoRA adapts it), read off
+    the built model as the run does."""
+    from rlhf.models import unwrap
+
+    head = unwrap(model.module).get_output_embeddings()
+    if ds.zero_stage == 3 and head is not None and type(head) is not torch.nn.Linear:
         return 0
     return model_cfg.logits_chunk_mib
 
@@ -413,8 +416,8 @@ class Planner:
                                f"checkpointing {'off' if gc == 'on' else 'on'}: {fmt(step_other)}"))
         if lm:
             full, hidden = (peak(model, fn) for fn in lm)
-            chunk = (f"{chunk_mib(model_cfg, ds):g} MiB chunks" if chunk_mib(model_cfg, ds)
-                     else "all at once")
+            chunks = chunk_mib(model, model_cfg, ds)
+            chunk = f"{chunks:g} MiB chunks" if chunks else "all at once"
             plan.parts.append(Part(f"  of which logits ({chunk})", max(step - hidden, 0),
                                    f"all at once: {fmt(max(full - hidden, 0))}"))
         plan.peak = states + held + step
@@ -432,7 +435,7 @@ class Planner:
             plan.header = [self.describe(model, "policy", cfg.deepspeed),
                            f"micro-batch {rows} x {width} tokens, every position a target"]
             self.trained_step(plan, model, cfg.model, cfg.deepspeed, self.accumulation(cfg), build, lambda m: (
-                causal_loss(m, rows, width, 1, chunk_mib(cfg.model, cfg.deepspeed)),
+                causal_loss(m, rows, width, 1, chunk_mib(m, cfg.model, cfg.deepspeed)),
                 causal_loss(m, rows, width, 1, 0), hidden_only_loss(m, rows, width, 1)))
         return plan
 
@@ -512,7 +515,7 @@ class Planner:
                     if role == "policy" and r.logprobs_from_generation:
                         continue
                     if role in ("policy", "ref_policy"):
-                        peak = peak_bytes(causal_loss(m, score_rows, T, P, chunk_mib(mcfg, ds), r.temperature))
+                        peak = peak_bytes(causal_loss(m, score_rows, T, P, chunk_mib(m, mcfg, ds), r.temperature))
                     else:
                         peak = peak_bytes(scalar_loss(m, score_rows, T))
                     score.append(peak + (m.params * (4 if ds.precision == "fp32" else 2) if ds.zero_stage == 3
@@ -526,7 +529,7 @@ class Planner:
             held = {role: roles[role][0].trainable * (4 if roles[role][2].precision == "fp32" else 2)
                     if grads_in_run[role] and accumulation > 1 else 0 for role in ("policy", "value")}
             value = roles["value"][0]
-            losses = {"policy": causal_loss(policy, micro, T, P, chunk_mib(policy_cfg, roles["policy"][2]),
+            losses = {"policy": causal_loss(policy, micro, T, P, chunk_mib(policy, policy_cfg, roles["policy"][2]),
                                             r.temperature,
                                             cfg.ppo.entropy_coef > 0, True),
                       "value": scalar_loss(value, micro, T)}

@@ -169,3 +169,23 @@ def test_plan_counts_lora_adapters_and_tied_weights_on_gpu_kernels(tmp_path, tok
     with fake_tensors():
         fake = build_fake(hf, True, cfgs["ppo"].policy.model, torch.bfloat16, world, gradient_checkpointing=False)
     assert (fake.params, fake.trainable) == (plain + adapters, adapters)
+
+
+@pytest.mark.parametrize("targets, chunked", [(["q_proj"], True), (["q_proj", "lm_head"], False),
+                                             (["o_proj", "output"], True)])  # a name, not the head
+def test_plan_takes_the_logit_chunks_the_zero3_run_takes(tmp_path, tokenizer_dir, targets, chunked):
+    """Under ZeRO-3 the LM head runs in chunks only when it is a plain linear layer
+    (rlhf.lm_head.chunked_head); LoRA on it means all logits at once. The plan reads
+    that off the model it builds, as the run does."""
+    sft, _ = write_data(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "tokenizer": {"path": str(tokenizer_dir)},
+                                  "sft": {"data": {"path": str(sft), "max_length": 32},
+                                          "model": {"arch": TINY_ARCHS["llama"], "logits_chunk_mib": 0.5,
+                                                    "lora": {"r": 4, "target_modules": targets}},
+                                          "deepspeed": {"zero_stage": 3},
+                                          "train": {"global_batch_size": 8, "micro_batch_size": 4}}}))
+    world = World(2, 1, "cpu")
+    plan = Planner(load_configs(str(config), [], None, world), world).plan("sft")
+    logits = [p.name for p in plan.parts if "of which logits" in p.name]
+    assert logits == ["  of which logits (0.5 MiB chunks)" if chunked else "  of which logits (all at once)"], logits
