@@ -243,11 +243,11 @@ class RolloutConfig:
     the cached decode rounds differently from a full forward, so ppo/ratio_at_start
     moves off 1 by that rounding (by 4e-5 to 7e-5 in benchmarks/ratio_bf16.py)."""
     shared_prefix: bool = False
-    """With n > 1, compute each prompt once per group: in generation (engine hf: the
-    prompt's key/value cache is computed on one row and repeated for its n rows), in the
-    policy's, the reference's and the value model's passes and in the update (one row
-    per prompt, its n responses side by side after it, with a mask that keeps them
-    apart: rlhf/rollout/groups.py). The
+    """With n > 1, compute each prompt once per group in the policy's, the reference's and
+    the value model's passes and in the update: one row per prompt, its n responses side
+    by side after it, with a mask that keeps them apart (rlhf/rollout/groups.py).
+    (Generation prefills each prompt once per group whatever this says: engine hf
+    computes its key/value cache on one row and repeats it, vLLM caches prefixes.) The
     log-probs, values and gradients are those of separate rows, up to float rounding;
     minibatches are then shuffled by whole groups. A batch of rows (a micro-batch, a
     scoring chunk) holds groups of gcd(its rows, n): micro-batches of 4 with n = 8 put

@@ -44,8 +44,9 @@ class RolloutEngine:
 
 class HFEngine(RolloutEngine):
     """Hugging Face `generate` on the policy's own DeepSpeed engine (rlhf.rollout.hf.generate):
-    under ZeRO-3 the weights are gathered once per rollout batch. It samples from the
-    live weights, so `sync_weights` has nothing to do."""
+    under ZeRO-3 the weights are gathered once per rollout batch; with n > 1 each
+    prompt's prefill runs once for its n rows (exact up to rounding, so not a setting).
+    It samples from the live weights, so `sync_weights` has nothing to do."""
 
     def __init__(self, policy, cfg: RolloutConfig, tokenizer, zero_stage: int, stop_ids: list[int]):
         self.policy, self.cfg, self.tokenizer = policy, cfg, tokenizer
@@ -61,8 +62,7 @@ class HFEngine(RolloutEngine):
         response, action_mask, logprobs = generate(self.policy, prompt_ids, prompt_mask, self.cfg, self.tokenizer,
                                                    self.zero_stage, greedy=greedy,
                                                    with_logprobs=self.cfg.logprobs_from_generation,
-                                                   stop_ids=self.stop_ids,
-                                                   group=n if self.cfg.shared_prefix else 1)
+                                                   stop_ids=self.stop_ids, group=n)
         return Rollout(prompt_ids, prompt_mask, response, action_mask, logprobs, prompts)
 
     def sync_weights(self, policy) -> None:
