@@ -240,3 +240,36 @@ def test_smollm2_gradient_checkpointing_and_tied_embeddings(smollm2_dir, tokeniz
         grads.append((loss.item(), model.model.layers[3].mlp.down_proj.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_smollm2_grpo_groups_computed_once_equal_separate_rows(smollm2_run, tmp_path, backbone):
+    """GRPO on SmolLM2 (its chat template, a 49k vocabulary), LoRA, 4 prompts x 4
+    responses: one step with each prompt computed once per group (prefill, reference
+    pass, update: rollout.shared_prefix) gives the responses, losses and adapter weights
+    of separate rows (configs/smollm2.yaml's grpo section runs this way)."""
+    from safetensors.torch import load_file
+
+    from rlhf.config import GRPOConfig
+    from rlhf.trainers.algorithms import GRPOTrainer
+
+    root, _ = smollm2_run
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(8))
+    (tmp_path / "reward.py").write_text(
+        "def score(prompts, responses, **_):\n    return [min(len(r), 40) / 10 for r in responses]\n")
+    runs = {}
+    for on in ("true", "false"):
+        out = tmp_path / on
+        trainer = GRPOTrainer(load_stage_config(GRPOConfig, None, [
+            f"output_dir={out}", f"policy.model.path={root / 'sft' / 'final'}", "policy.model.lora.r=8",
+            f"reward.function={tmp_path / 'reward.py'}:score", f"data.path={prompts}", "data.max_length=64",
+            "rollout.batch_size=4", "rollout.n=4", "rollout.max_new_tokens=12", "train.global_batch_size=16",
+            "train.micro_batch_size=8", "train.max_steps=1", "grpo.epochs=1", "policy.optim.lr=1e-3",
+            f"rollout.shared_prefix={on}", "logging.progress_bar=false", "sample_every=0"]), backbone)
+        trainer.fit()
+        assert trainer.shared_prefix == (on == "true")
+        runs[on] = [r for r in metrics(out) if "grpo/score" in r][0], load_file(out / "final" / "model.safetensors")
+    (a, wa), (b, wb) = runs["true"], runs["false"]
+    assert a["grpo/score"] == b["grpo/score"] and a["grpo/score_std"] > 0  # the same responses, not all alike
+    for key in ("grpo/policy_loss", "grpo/kl", "grpo/policy_grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
