@@ -262,6 +262,7 @@ def test_smollm2_grpo_groups_computed_once_equal_separate_rows(smollm2_run, tmp_
         trainer = GRPOTrainer(load_stage_config(GRPOConfig, None, [
             f"output_dir={out}", f"policy.model.path={root / 'sft' / 'final'}", "policy.model.lora.r=8",
             f"reward.function={tmp_path / 'reward.py'}:score", f"data.path={prompts}", "data.max_length=64",
+            "data.max_prompt_length=48",
             "rollout.batch_size=4", "rollout.n=4", "rollout.max_new_tokens=12", "train.global_batch_size=16",
             "train.micro_batch_size=8", "train.max_steps=1", "grpo.epochs=1", "policy.optim.lr=1e-3",
             f"rollout.shared_prefix={on}", "logging.progress_bar=false", "sample_every=0"]), backbone)
