@@ -180,7 +180,7 @@ def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, ta
     assert all(torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5) for k in weights["true"])
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "mistral", "qwen2"])
 def test_generation_prefills_each_prompt_once_per_group(tokenizer, family):
     """`sample_responses` with group = G computes the prompts' cache on one row per group
     and repeats it: the same tokens (greedy and sampled under one seed) and log-probs as
@@ -189,10 +189,11 @@ def test_generation_prefills_each_prompt_once_per_group(tokenizer, family):
     from rlhf.config import ModelConfig, RolloutConfig
     from rlhf.models import load_causal_lm
     from rlhf.rollout.hf import sample_responses
-    from conftest import TINY_ARCHS
+    from conftest import PACKING_ARCHS, TINY_ARCHS
 
     torch.manual_seed(0)
-    model = load_causal_lm(ModelConfig(arch=dict(TINY_ARCHS[family]), dropout=0.0), tokenizer).eval()
+    arch = {**TINY_ARCHS, **PACKING_ARCHS}[family]
+    model = load_causal_lm(ModelConfig(arch=dict(arch), dropout=0.0), tokenizer).eval()
     G = 3
     prompt_ids, prompt_mask, _, _ = rollout_batch(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, G,
                                                   prompt_lengths=(5, 1, 7, 3))
