@@ -54,7 +54,12 @@ def deepspeed_config(
     Face integration's "auto" values do: reduce and all-gather buckets of h^2 elements,
     ZeRO-3 prefetch of 0.9 h^2, and parameters under 10 h elements kept whole on every
     rank (norms, biases: gathering them costs more than keeping them). Small buckets
-    also bound the buffers `overlap_comm` holds (4.5x the bucket sizes). Everything
+    also bound the buffers `overlap_comm` holds (4.5x the bucket sizes). A gathered
+    parameter stays for a reuse within 12 h^2 elements (about one transformer layer: a
+    checkpointed layer's recompute and its backward): DeepSpeed's default, 1e9, makes
+    each module's release scan the whole rest of the recorded trace, quadratic in the
+    number of modules, which with LoRA's many small modules made the first ZeRO-3
+    update of SmolLM2-135M take 29-48 s instead of 9 (RESULTS.md). Everything
     here can be overridden through `deepspeed.extra`.
     """
     stage = ds.zero_stage if trainable or ds.zero_stage == 3 else 0
@@ -73,7 +78,8 @@ def deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if hidden_size:
             zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
-                        stage3_param_persistence_threshold=10 * hidden_size)
+                        stage3_param_persistence_threshold=10 * hidden_size,
+                        stage3_max_reuse_distance=12 * hidden_size**2)
         if ds.zero_hpz_partition_size > 1:
             if world_size % ds.zero_hpz_partition_size:
                 raise ValueError(f"deepspeed.zero_hpz_partition_size={ds.zero_hpz_partition_size} must divide the "

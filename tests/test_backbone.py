@@ -31,6 +31,7 @@ def test_buckets_and_thresholds_follow_the_hidden_size(on_device):
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 4096**2 == 16_777_216
     assert zero["stage3_prefetch_bucket_size"] == 15_099_494
     assert zero["stage3_param_persistence_threshold"] == 40_960
+    assert zero["stage3_max_reuse_distance"] == 12 * 4096**2  # about one layer, not DeepSpeed's 1e9
     assert zero["overlap_comm"] is True
     zero2 = deepspeed_config(DeepSpeedConfig(zero_stage=2), 4, 2, 8, hidden_size=2048)["zero_optimization"]
     assert zero2["reduce_bucket_size"] == 2048**2 and "stage3_prefetch_bucket_size" not in zero2
@@ -40,7 +41,8 @@ def test_no_overlap_on_the_cpu_and_nothing_guessed_without_a_hidden_size(on_devi
     on_device("cpu")
     zero = deepspeed_config(DeepSpeedConfig(zero_stage=3), 4, 1, 1)["zero_optimization"]
     assert zero["overlap_comm"] is False
-    assert not {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"} & set(zero)
+    assert not {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "stage3_max_reuse_distance"} & set(zero)
     assert deepspeed_config(DeepSpeedConfig(zero_stage=0), 4, 1, 1)["zero_optimization"] == {"stage": 0}
 
 
