@@ -213,5 +213,5 @@ def test_generation_prefills_each_prompt_once_per_group(tokenizer, family):
         (ids, lp), (gids, glp) = outs
         assert torch.equal(ids, gids)
         assert torch.allclose(lp, glp, atol=1e-5)
-    if not greedy:
-        assert len({tuple(r) for r in ids[:G].tolist()}) > 1  # a group's rows sampled apart
+        if not greedy:
+            assert len({tuple(r) for r in ids[:G].tolist()}) > 1  # a group's rows sampled apart

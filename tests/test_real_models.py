@@ -245,8 +245,9 @@ def test_smollm2_gradient_checkpointing_and_tied_embeddings(smollm2_dir, tokeniz
 def test_smollm2_grpo_groups_computed_once_equal_separate_rows(smollm2_run, tmp_path, backbone):
     """GRPO on SmolLM2 (its chat template, a 49k vocabulary), LoRA, 4 prompts x 4
     responses: one step with each prompt computed once per group (prefill, reference
-    pass, update: rollout.shared_prefix) gives the responses, losses and adapter weights
-    of separate rows (configs/smollm2.yaml's grpo section runs this way)."""
+    pass, update: rollout.shared_prefix) gives the responses, losses and exported
+    (adapters merged) weights of separate rows (configs/smollm2.yaml's grpo section runs
+    this way)."""
     from safetensors.torch import load_file
 
     from rlhf.config import GRPOConfig

@@ -28,7 +28,7 @@ import torch
 from rlhf.config import ModelConfig, RolloutConfig
 from rlhf.data.batching import cat_padded
 from rlhf.lm_head import causal_logprobs
-from rlhf.models import position_ids_from_mask
+from rlhf.models import position_ids_from_mask, unwrap
 
 
 def as_stop_ids(stop_ids: int | list[int]) -> list[int]:
@@ -176,17 +176,16 @@ def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     group (rows `k group` of `(B, P)` left-padded prompts) and repeated `group` times,
     so it stands for all B rows. HF `generate` handed it runs only the last prompt
     column and the new tokens: a cache must leave at least one input column to compute
-    the first token's logits from. Positions as `generate` gives them (restarting at
-    the first real token); no logits are computed here beyond one column. Returns the
+    the first token's logits from. Positions restart at the first real token, as
+    `generate` gives them; no logits are computed here beyond one column. Returns the
     keyword argument for `generate` (`cache` from transformers 5.24, `past_key_values`
     before)."""
     ids, mask = prompt_ids[::group, :-1], prompt_mask[::group, :-1]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(hf.forward).parameters
+    params = inspect.signature(unwrap(model).forward).parameters
     name = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache = getattr(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep), name)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True, **keep)
+    cache = getattr(out, name)
     cache.batch_repeat_interleave(group)
     return {name: cache}
 
@@ -198,7 +197,7 @@ def own_generation_config(model):
     exported model keeps its own."""
     from transformers import GenerationConfig
 
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = unwrap(model)
     saved = hf.generation_config
     hf.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
                                             pad_token_id=saved.pad_token_id)
