@@ -478,13 +478,15 @@ class Backbone:
         """Write a resumable checkpoint atomically: into a temporary directory, renamed
         to `step-N` only once every rank has written its files and flushed them to disk.
         A crash or kill -9 at any moment leaves the previous checkpoints intact and at
-        most a temporary directory, which the next save removes. At most `keep_last + 1`
-        checkpoints exist at any moment, the temporary one included."""
+        most a temporary directory, which the next save removes. A checkpoint is deleted
+        the same way: renamed out of `step-*` first, so a kill during the deletion never
+        leaves a half-deleted `step-N`. At most `keep_last + 1` checkpoints exist at any
+        moment, the temporary one included."""
         final = ckpt_root / f"step-{step:08d}"
         tmp = ckpt_root / f".tmp-step-{step:08d}"
         if self.is_main:
-            for stale in ckpt_root.glob(".tmp-step-*"):  # left by a save that was killed
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".deleting-step-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a save or deletion that was killed
             tmp.mkdir(parents=True)
         self.barrier()
         for name, engine in engines.items():
@@ -500,11 +502,11 @@ class Backbone:
         self.barrier()
         if self.is_main:
             if final.exists():
-                shutil.rmtree(final)
+                _delete_checkpoint(final)
             os.replace(tmp, final)
             _fsync(ckpt_root)  # the rename itself
             for old in list_checkpoints(ckpt_root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _delete_checkpoint(old)
         self.barrier()
         return final
 
@@ -628,6 +630,17 @@ def _fsync(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _delete_checkpoint(ckpt: Path) -> None:
+    """Delete a finished checkpoint so that it is whole or gone at every moment: one
+    atomic rename out of the `step-*` names, then the files (a kill during those leaves
+    a `.deleting-step-N` directory, which the next save removes)."""
+    doomed = ckpt.with_name(".deleting-" + ckpt.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    _fsync(ckpt.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

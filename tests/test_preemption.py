@@ -82,6 +82,7 @@ def test_checkpoints_by_time_and_rotation_keeps_at_most_keep_last_plus_one(tmp_p
                                                                           backbone):
     out = tmp_path / "out"
     (out / "checkpoints" / ".tmp-step-00000099").mkdir(parents=True)  # a save killed in an earlier run
+    (out / "checkpoints" / ".deleting-step-00000098").mkdir()  # and a deletion
     (out / "config.yaml").write_text("left by the earlier run\n")
     seen, done = [], threading.Event()
 
@@ -106,6 +107,31 @@ def test_checkpoints_by_time_and_rotation_keeps_at_most_keep_last_plus_one(tmp_p
     # no time interval and no step interval: the final checkpoint only
     SFTTrainer(make_cfg(tmp_path / "b", sft_data, tokenizer_dir, "checkpoint.every_minutes=0"), backbone).fit()
     assert checkpoints(tmp_path / "b" / "out") == ["step-00000006"]
+
+
+def test_a_kill_while_deleting_an_old_checkpoint_leaves_no_half_deleted_step_dir(tmp_path, monkeypatch):
+    """Rotation renames a checkpoint out of the `step-*` names before deleting its files:
+    here the deletion dies after one file (as under kill -9)."""
+    import shutil
+
+    from rlhf import backbone as bb
+
+    old = tmp_path / "step-00000003"
+    (old / "policy").mkdir(parents=True)
+    for name in ("trainer_state.json", "policy/mp_rank_00_model_states.pt", "rank0.pt"):
+        (old / name).write_text("x")
+
+    def killed(path, ignore_errors=False):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if files:
+            files[-1].unlink()
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bb._delete_checkpoint(old)
+    assert bb.list_checkpoints(tmp_path) == []  # not a finished checkpoint any more
+    assert [p.name for p in tmp_path.iterdir()] == [".deleting-step-00000003"]
 
 
 def test_a_final_dir_without_our_config_is_refused_not_skipped(tmp_path, sft_data, tokenizer_dir, backbone):
@@ -247,6 +273,6 @@ def test_kill_9_during_a_checkpoint_write_and_at_random_then_the_run_resumes_exa
         assert got["during_write"] or mode == "random", got
     proc = subprocess.run(cmd(out), env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".deleting-"))]
     a, b = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

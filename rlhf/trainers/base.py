@@ -307,8 +307,12 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.export(tmp)
         if self.backbone.is_main:
-            shutil.rmtree(self.out / "final", ignore_errors=True)
+            old = self.out / ".final.old"  # renamed away first: a kill mid-deletion leaves no half final/
+            shutil.rmtree(old, ignore_errors=True)
+            if (self.out / "final").exists():
+                (self.out / "final").rename(old)
             tmp.rename(self.out / "final")
+            shutil.rmtree(old, ignore_errors=True)
         self.backbone.barrier()
 
     def export(self, out_dir: Path) -> None:
