@@ -109,7 +109,9 @@ def test_group_layout_gives_the_separate_rows_logprobs_and_values(tokenizer, att
     ids, mask = full_sequence(*batch)
     P, action = batch[0].shape[1], batch[3].bool()
     layout = group_layout(*batch, group)
-    assert layout.input_ids.shape == (3, P + group * 6)
+    # packed: each group's prompt and responses without padding, the rows padded to the longest
+    packed = [int(batch[1][k * group].sum() + batch[3][k * group:(k + 1) * group].sum()) for k in range(3)]
+    assert layout.input_ids.shape == (3, max(packed)) and max(packed) < P + group * 6
     for chunk_mib in (0.0, 1.0):  # full logits, and the chunked LM head
         lp, ent = response_logprobs(policy, ids, mask, P, 0.7, with_entropy=True, chunk_mib=chunk_mib)
         glp, gent = group_logprobs(policy, layout, 0.7, with_entropy=True, chunk_mib=chunk_mib)
@@ -123,6 +125,34 @@ def test_group_layout_gives_the_separate_rows_logprobs_and_values(tokenizer, att
     a = torch.autograd.grad(lp, list(policy.parameters()))
     b = torch.autograd.grad(group_logprobs(policy, layout, chunk_mib=1.0).sum(), list(policy.parameters()))
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
+
+
+def test_group_layout_packs_away_every_padding_column():
+    """The packed rows do not depend on how the batch was padded: more padding after
+    the responses, prompts padded on the right instead of the left, give the same rows,
+    and each response token is still predicted from the same packed column."""
+    from rlhf.rollout.groups import group_layout
+
+    group, pad = 3, 1
+    prompt_ids, prompt_mask, response_ids, action_mask = rollout_batch(50, pad, 2, group)
+    base = group_layout(prompt_ids, prompt_mask, response_ids, action_mask, group)
+    # the same rollout with 4 more padding columns on each side of the prompts' and after the responses'
+    extra = torch.full((prompt_ids.shape[0], 4), pad)
+    lp = torch.stack([torch.cat([r[m.bool()], torch.full(((~m.bool()).sum() + 4,), pad)])
+                      for r, m in zip(prompt_ids, prompt_mask)])
+    lm = torch.stack([torch.cat([torch.ones(int(m.sum()), dtype=torch.long), torch.zeros(len(m) - int(m.sum()) + 4,
+                                                                                        dtype=torch.long)])
+                      for m in prompt_mask])
+    padded = group_layout(lp, lm, torch.cat([response_ids, extra], 1),
+                          torch.cat([action_mask, torch.zeros_like(extra)], 1), group)
+    for name in ("input_ids", "allowed", "position_ids"):
+        assert torch.equal(getattr(base, name), getattr(padded, name)), name
+    a = action_mask.bool()
+    assert torch.equal(base.predictor_cols[a], padded.predictor_cols[:, :6][a])
+    assert torch.equal(base.predictor_rows[a], padded.predictor_rows[:, :6][a])
+    # the first response token of every branch is predicted by its prompt's last token
+    plen = prompt_mask[::group].sum(1).repeat_interleave(group)
+    assert torch.equal(base.predictor_cols[:, 0], plen - 1)
 
 
 def test_grpo_run_is_the_same_with_and_without_the_shared_prefix(tmp_path, models, prompts_with_answers,
