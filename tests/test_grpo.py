@@ -145,7 +145,9 @@ def test_grpo_resume_reproduces(tmp_path, models, prompts_with_answers, backbone
 def test_grpo_on_two_ranks_with_zero3(tmp_path, models, prompts_with_answers):
     out = run_two_ranks("grpo", tmp_path, ["3"], overrides(
         tmp_path / "unused", models, prompts_with_answers, f"reward.model.path={models / 'rm'}",
-        "grpo.dynamic_sampling=true", "train.max_steps=2")[1:])
+        "grpo.dynamic_sampling=true", "train.max_steps=2",
+        # micro-batches by tokens: the ranks' responses differ, so may the counts they need; they agree
+        "rollout.shared_prefix=true", "train.micro_batch_tokens=90")[1:])
     rows = [r for r in metrics(tmp_path / "zero3") if "grpo/score" in r]
     assert len(rows) == 2 and all(abs(r["grpo/ratio_at_start"] - 1) < 1e-5 for r in rows), out[-2000:]
 
@@ -220,6 +222,13 @@ def test_on_policy_configs(tmp_path):
     cfg = load_stage_config(GRPOConfig, None, [*base, "reward.function=m:f"])
     assert cfg.rollout.n == 8 and cfg.grpo.loss_aggregation == "seq_mean_token_mean" and cfg.grpo.kl_in == "loss"
     assert load_stage_config(RLOOConfig, None, [*base, "reward.function=m:f"]).rloo.advantage == "rloo"
+    with pytest.raises(ConfigError, match="train.micro_batch_tokens: must be > 0"):
+        load_stage_config(GRPOConfig, None, [*base, "reward.function=m:f", "train.micro_batch_tokens=0"])
+    from rlhf.config import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens: applies to the on-policy stages .* not sft"):
+        load_stage_config(SFTConfig, None, ["model.path=x", f"data.path={tmp_path / 'p.jsonl'}",
+                                            "train.micro_batch_tokens=512"])
 
 
 def test_single_stage_file_with_its_own_hyperparameter_group(tmp_path):

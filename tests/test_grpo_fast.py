@@ -179,6 +179,71 @@ def test_grpo_run_is_the_same_with_and_without_the_shared_prefix(tmp_path, model
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+class CountingMicroBatches(GRPOTrainer):
+    def train_step(self, micro_batches):
+        self.rows_per_micro_batch = [mb.action_mask.shape[0] for mb in micro_batches]
+        return super().train_step(micro_batches)
+
+
+@pytest.mark.parametrize("shared", ["true", "false"])
+def test_micro_batches_by_tokens_update_as_fixed_ones(tmp_path, models, prompts_with_answers, backbone, shared):  # noqa: F811
+    """train.micro_batch_tokens: one optimizer step over 32 rows (4 accumulation steps of
+    8 rows by the config) in one micro-batch (a large budget) or in many (a small one):
+    the same losses, gradient norm and weights as the 4 fixed micro-batches."""
+    runs = {}
+    for name, extra in (("fixed", ()), ("one", ("train.micro_batch_tokens=100000",)),
+                        ("many", ("train.micro_batch_tokens=60",))):
+        out = tmp_path / name
+        trainer, row = one_step(out, models, prompts_with_answers, CountingMicroBatches, backbone,
+                                f"rollout.shared_prefix={shared}", *extra)
+        runs[name] = trainer.rows_per_micro_batch, row, load_file(out / "final" / "model.safetensors")
+    assert runs["fixed"][0] == [8, 8, 8, 8] and runs["one"][0] == [32]
+    many = runs["many"][0]
+    assert len(many) > 4 and sum(many) == 32 and all(n % (4 if shared == "true" else 1) == 0 for n in many)
+    _, a, wa = runs["fixed"]
+    for name in ("one", "many"):
+        _, b, wb = runs[name]
+        assert a["grpo/score"] == b["grpo/score"]
+        for key in ("grpo/kl", "grpo/policy_loss", "grpo/kl_loss", "grpo/policy_grad_norm", "grpo/ratio_at_start"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, key)
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), name
+
+
+def test_budget_chunks():
+    from rlhf.data.batching import budget_chunks
+
+    # rectangles: 4 units of width 10 fit 40 tokens; a wide unit stretches its chunk
+    assert budget_chunks([10] * 8, 40) == [4, 4]
+    assert budget_chunks([5, 50, 5, 5], 40) == [1, 1, 2]  # 50 alone (over the budget), then 2 x 5
+    assert budget_chunks([5, 5, 20, 5], 40) == [2, 2]  # 3 x 20 = 60 > 40
+    # exactly `count` chunks, as even as they go
+    assert budget_chunks([10] * 8, 40, 3) == [3, 3, 2]
+    assert budget_chunks([10] * 8, 40, 8) == [1] * 8
+    assert budget_chunks([1, 1, 1, 1, 9], 10, 3) == [2, 2, 1]
+    assert budget_chunks([], 10) == []
+    with pytest.raises(ValueError, match="need between 2 and 8"):
+        budget_chunks([10] * 8, 40, 1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # against the definition: consecutive, within budget unless alone, no fewer possible
+        widths = torch.randint(1, 30, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        budget = int(torch.randint(10, 120, (1,), generator=g))
+        sizes = budget_chunks(widths, budget)
+        assert sum(sizes) == len(widths) and min(sizes) >= 1
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        assert all(n == 1 or n * max(widths[a:a + n]) <= budget for a, n in zip(starts, sizes))
+        # greedy is optimal: no split into fewer chunks fits (brute force over cut points)
+        import itertools as it
+        for k in range(1, len(sizes)):
+            for cuts in it.combinations(range(1, len(widths)), k - 1):
+                bounds = list(zip((0, *cuts), (*cuts, len(widths))))
+                assert not all(b - a == 1 or (b - a) * max(widths[a:b]) <= budget for a, b in bounds)
+        for count in range(len(sizes), len(widths) + 1):
+            exact = budget_chunks(widths, budget, count)
+            starts = [sum(exact[:i]) for i in range(len(exact))]
+            assert len(exact) == count and sum(exact) == len(widths)
+            assert all(n == 1 or n * max(widths[a:a + n]) <= budget for a, n in zip(starts, exact))
+
+
 def test_shared_prefix_needs_a_custom_mask(tmp_path, models, prompts_with_answers):  # noqa: F811
     from rlhf.config import ConfigError
 
@@ -194,20 +259,23 @@ def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, ta
     """PPO with rollout.n = 2: its value model's passes read the group layout too; one
     step (one minibatch) gives the same losses and weights as separate rows."""
     rows, weights = {}, {}
-    for on in ("true", "false"):
+    # "tokens": the shared layout in micro-batches by tokens (one here), both engines stepping once
+    for on, extra in (("true", ()), ("false", ()), ("tokens", ("train.micro_batch_tokens=100000",))):
         cfg = ppo_cfg(tmp_path / on, models, task_dir, "rollout.n=2", "ppo.epochs=1", "train.global_batch_size=32",
-                      "train.max_steps=1", f"rollout.shared_prefix={on}", "data.eval=null")
+                      "train.max_steps=1", f"rollout.shared_prefix={on != 'false'}", "data.eval=null", *extra)
         trainer = PPOTrainer(cfg, backbone)
         trainer.fit()
-        assert trainer.group_size(4) == (2 if on == "true" else 1)
+        assert trainer.group_size(4) == (1 if on == "false" else 2)
         rows[on] = [r for r in metrics(tmp_path / on) if "ppo/score" in r][0]
         weights[on] = load_file(tmp_path / on / "final" / "value" / "model.safetensors")
-    a, b = rows["true"], rows["false"]
-    assert a["ppo/score"] == b["ppo/score"]
-    for key in ("ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/value_error", "ppo/policy_grad_norm",
-                "ppo/value_grad_norm"):
-        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    assert all(torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5) for k in weights["true"])
+    for other in ("false", "tokens"):
+        a, b = rows["true"], rows[other]
+        # (by tokens the reward model scores its rows in other chunks: the same up to rounding)
+        assert a["ppo/score"] == pytest.approx(b["ppo/score"], rel=1e-6)
+        for key in ("ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/value_error", "ppo/policy_grad_norm",
+                    "ppo/value_grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (other, key)
+        assert all(torch.allclose(weights["true"][k], weights[other][k], atol=1e-5) for k in weights["true"])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "mistral", "qwen2"])

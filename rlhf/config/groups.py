@@ -287,6 +287,16 @@ class TrainConfig:
     """Evaluate every N optimizer steps (0: only at the start and the end)."""
     eval_batch_size: int | None = None
     """Per-rank batch size for evaluation; None uses micro_batch_size."""
+    micro_batch_tokens: int | None = None
+    """On-policy stages only: form the update's micro-batches, and the chunks of the
+    scoring passes (reference, values, reward model), by tokens instead of rows: as many
+    whole groups (with rollout.shared_prefix; else rows) as fit this many tokens as the
+    model runs them (rows x the widest row). Short responses then make fewer, fuller
+    micro-batches (less per-call overhead, larger matrix products); long ones more,
+    so that activations stay bounded. Every rank runs the same number (the largest any
+    rank needs), and the optimizer still steps once per global_batch_size rows: the
+    gradients equal those of fixed micro-batches up to rounding. A group wider than the
+    budget runs alone. None: micro_batch_size rows (and eval_batch_size for the passes)."""
     log_every: int = 1
     """Write train metrics every N optimizer steps."""
     collective_timeout_minutes: float = 30.0
@@ -302,6 +312,8 @@ class TrainConfig:
         if self.max_steps is not None:
             v.check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         v.check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        if self.micro_batch_tokens is not None:
+            v.check(self.micro_batch_tokens > 0, "micro_batch_tokens", f"must be > 0, got {self.micro_batch_tokens}")
         v.check(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         v.check(self.collective_timeout_minutes > 0, "collective_timeout_minutes",
                 f"must be > 0, got {self.collective_timeout_minutes}")

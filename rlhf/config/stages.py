@@ -49,6 +49,8 @@ class BaseStageConfig:
         v.sub("deepspeed", self.deepspeed)
         if not isinstance(self, OnPolicyConfig):  # on-policy stages check each trained role instead
             self.deepspeed.validate_trainable(Validator(v.where, v.key("deepspeed")))
+            v.check(self.train.micro_batch_tokens is None, "train.micro_batch_tokens",
+                    f"applies to the on-policy stages (ppo, grpo, rloo, reinforce) only, not {self.stage}")
         v.sub("checkpoint", self.checkpoint)
         v.sub("logging", self.logging)
         # Data files may not exist yet when the built-in task will write them.

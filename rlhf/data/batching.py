@@ -248,3 +248,44 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
     if cur["input_ids"]:
         packed.append(cur)
     return packed
+
+
+def budget_chunks(widths: list[int], budget: int, count: int | None = None) -> list[int]:
+    """Split units (rows, or groups of rows) of the given widths in tokens, in order,
+    into consecutive chunks that each fit `budget` tokens as the model runs them: a
+    rectangle of the chunk's units by its widest unit. Returns how many units each
+    chunk takes. A unit wider than the budget is a chunk by itself.
+
+    Without `count`: the fewest chunks (greedy, which is optimal for consecutive
+    chunks). With `count` (at least that fewest, at most the number of units): exactly
+    `count` chunks, as even as they go: the smallest cap under which the greedy split
+    needs at most `count`, then the costliest chunks halved until there are `count`
+    (all ranks run one number of micro-batches, the largest any rank needs)."""
+    if not widths:
+        return []
+
+    def greedy(cap: int) -> list[int]:
+        sizes, n, widest = [], 0, 0
+        for w in widths:
+            if n and (n + 1) * max(widest, w) > cap:
+                sizes.append(n)
+                n, widest = 0, 0
+            n, widest = n + 1, max(widest, w)
+        return sizes + [n]
+
+    sizes = greedy(budget)
+    if count is None:
+        return sizes
+    if not len(sizes) <= count <= len(widths):
+        raise ValueError(f"{count} chunks: need between {len(sizes)} and {len(widths)} for these {len(widths)} units")
+    lo, hi = max(widths), max(budget, max(widths))  # greedy(hi) needs <= count chunks
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(greedy(mid)) <= count else (mid + 1, hi)
+    sizes = greedy(lo)
+    while len(sizes) < count:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        cost = [n * max(widths[s:s + n]) if n > 1 else -1 for s, n in zip(starts, sizes)]
+        i = cost.index(max(cost))
+        sizes[i:i + 1] = [sizes[i] - sizes[i] // 2, sizes[i] // 2]
+    return sizes

@@ -22,6 +22,7 @@ All per-token tensors have the response's columns only (rlhf.rollout.hf).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from math import gcd
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from rlhf.config import ModelConfig, OnPolicyConfig, exact_div
-from rlhf.data.batching import StepSampler
+from rlhf.data.batching import StepSampler, budget_chunks
 from rlhf.losses import masked_sum
 from rlhf.models import (ScalarModel, apply_lora, load_causal_lm, load_scalar_model, model_type, require_model_type,
                          save_pretrained, sequence_scores)
@@ -242,10 +243,10 @@ class OnPolicyTrainer(Trainer):
         skipped when its log-probs came with the responses, or when the update will
         give them (`old_logprobs_from_update`; then there is no "logprobs" entry)."""
         tensors = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.action_mask)
-        chunk = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
-        starts = range(0, rollout.prompt_ids.shape[0], chunk)
+        spans = self.micro_batch_spans(rollout.prompt_mask, rollout.action_mask,
+                                       self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size)
         # the models' inputs chunk by chunk (one row per group with rollout.shared_prefix) ...
-        inputs = [self.model_inputs(*(t[i:i + chunk] for t in tensors)) for i in starts]
+        inputs = [self.model_inputs(*(t[a:b] for t in tensors)) for a, b in spans]
         policy_chunk = self.cfg.policy.model.logits_chunk_mib
         passes = []
         if rollout.logprobs is None and not self.old_logprobs_from_update():
@@ -259,7 +260,7 @@ class OnPolicyTrainer(Trainer):
         if self.reward is not None:
             # ... but the reward model reads each response in its own row
             passes.append(("scores", "reward", lambda m, x: sequence_scores(m, *x)))
-        rows = [full_sequence(*(t[i:i + chunk] for t in tensors)) for i in starts] if self.reward is not None else []
+        rows = [full_sequence(*(t[a:b] for t in tensors)) for a, b in spans] if self.reward is not None else []
         out = {}
         for engine in self.engines.values():
             engine.eval()
@@ -282,6 +283,30 @@ class OnPolicyTrainer(Trainer):
         that many rows answers one prompt; 1 (separate rows) without the shared-prefix
         layout or when evaluating (one response per prompt)."""
         return gcd(rows, self.cfg.rollout.n) if self.shared_prefix and not self.evaluating else 1
+
+    def micro_batch_spans(self, prompt_mask: torch.Tensor, action_mask: torch.Tensor,
+                          rows_each: int) -> list[tuple[int, int]]:
+        """(start, end) of each micro-batch (or scoring chunk) of these rows, in order:
+        `rows_each` rows, or with train.micro_batch_tokens as many whole units as fit
+        that many tokens (rlhf.data.batching.budget_chunks): groups in the shared-prefix
+        layout (a unit's width is its packed row: the prompt and its responses' tokens),
+        else rows (the batch's full width each). Every rank gets the same number: the
+        largest any rank needs (one all-reduce). Evaluation keeps `rows_each`."""
+        rows, budget = prompt_mask.shape[0], self.cfg.train.micro_batch_tokens
+        if budget is None or self.evaluating:
+            sizes = [min(rows_each, rows - i) for i in range(0, rows, rows_each)]
+        else:
+            unit = self.group_size(rows)
+            if unit > 1:
+                lengths = action_mask.sum(1).view(-1, unit).sum(1) + prompt_mask[::unit].sum(1)
+                widths = [int(w) for w in lengths]
+            else:
+                widths = [prompt_mask.shape[1] + action_mask.shape[1]] * rows
+            fewest = torch.tensor(len(budget_chunks(widths, budget)))
+            count = int(self.backbone.all_reduce(fewest, "max").item())
+            sizes = [n * unit for n in budget_chunks(widths, budget, count)]
+        ends = list(itertools.accumulate(sizes))
+        return list(zip([0] + ends[:-1], ends))
 
     def model_inputs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                      action_mask: torch.Tensor) -> GroupLayout | tuple[torch.Tensor, torch.Tensor, int]:
@@ -367,12 +392,14 @@ class OnPolicyTrainer(Trainer):
                 perm = torch.randperm(self.prompts_per_rank * cfg.rollout.n, generator=g)
             for k in range(self.minibatches):
                 idx = perm[k * per_rank:(k + 1) * per_rank]
-                micro_batches = [exp.select(idx[j:j + micro]) for j in range(0, per_rank, micro)]
+                at = idx.to(exp.action_mask.device)
+                spans = self.micro_batch_spans(exp.prompt_mask[at], exp.action_mask[at], micro)
+                micro_batches = [exp.select(idx[a:b]) for a, b in spans]
                 self.entropy_logged = epoch == 0 and k == 0  # a subsample for the log: see train_step
                 stats = self.train_step(micro_batches)
                 if from_update:
-                    for j, mb in zip(range(0, per_rank, micro), micro_batches):
-                        old_logprobs[idx[j:j + micro].to(old_logprobs.device)] = mb.logprobs
+                    for (a, b), mb in zip(spans, micro_batches):
+                        old_logprobs[idx[a:b].to(old_logprobs.device)] = mb.logprobs
                 if epoch == 0 and k == 0:
                     # Nothing has been updated yet: new and old log-probs must agree (exactly
                     # 1 when the old ones are the update's own, old_logprobs_from_update).
@@ -400,7 +427,15 @@ class OnPolicyTrainer(Trainer):
         n_tokens = counts["tokens"]
         entropy_in_loss = algo.hp.entropy_coef > 0
         sums: dict[str, float] = {}
-        for mb in micro_batches:
+        # By tokens (train.micro_batch_tokens), the number of micro-batches need not be the
+        # accumulation steps DeepSpeed counts: mark the last one as the boundary ourselves
+        # (the loss scale above does not depend on how many there are).
+        trained = [e for e in (self.policy, self.value) if e is not None]
+        by_tokens = self.cfg.train.micro_batch_tokens is not None
+        for j, mb in enumerate(micro_batches):
+            if by_tokens:
+                for engine in trained:
+                    engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
             t0 = time.perf_counter()
             inputs = self.model_inputs(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.action_mask)
             out = self.response_logprobs(self.policy, inputs, with_entropy=self.entropy_logged or entropy_in_loss,
@@ -424,6 +459,9 @@ class OnPolicyTrainer(Trainer):
                 bb.step(self.value)
                 add(sums, v_stats)
                 self.update_time["value"] += time.perf_counter() - t1
+        if by_tokens:
+            for engine in trained:
+                engine.set_gradient_accumulation_boundary(None)
         s = self.sum_over_ranks(sums)
         stats = {f"{self.stage}/{k}": v / max(n_tokens, 1.0) for k, v in s.items() if k != "entropy_tokens"}
         if "entropy_tokens" in s:
