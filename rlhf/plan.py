@@ -468,6 +468,10 @@ class Planner:
         gen_rows = min(r.micro_batch_size or per_rank, per_rank)
         micro = cfg.train.micro_batch_size
         score_rows = cfg.train.eval_batch_size or micro
+        budget = cfg.train.micro_batch_tokens
+        if budget is not None:  # as many full-width rows as the budget holds (a wider group runs alone)
+            group = r.n if r.shared_prefix and r.n > 1 else 1
+            micro = score_rows = max(budget, P + group * R) // T
         plan = StagePlan("ppo", [])
         roles = {}
         totals = {}
@@ -481,7 +485,8 @@ class Planner:
             policy, policy_cfg, policy_ds = roles["policy"]
             plan.header = [self.describe(m, role, ds) for role, (m, _, ds) in roles.items()]
             plan.header.append(f"rollouts: {per_rank} prompts per rank, generated {gen_rows} at a time, "
-                               f"{P} prompt + {R} response tokens; updates: micro-batch {micro}")
+                               f"{P} prompt + {R} response tokens; updates: micro-batch {micro}"
+                               + (f" (train.micro_batch_tokens {budget})" if budget is not None else ""))
             states = 0.0
             grads_in_run = {}
             for role, (m, _, ds) in roles.items():
