@@ -150,6 +150,7 @@ def test_grpo_on_two_ranks_with_zero3(tmp_path, models, prompts_with_answers):
         "rollout.shared_prefix=true", "train.micro_batch_tokens=90")[1:])
     rows = [r for r in metrics(tmp_path / "zero3") if "grpo/score" in r]
     assert len(rows) == 2 and all(abs(r["grpo/ratio_at_start"] - 1) < 1e-5 for r in rows), out[-2000:]
+    assert all(r["grpo/micro_batches"] > 1 for r in rows)  # a minibatch is 2 groups of 4 a rank: one micro-batch each
 
 
 # --------------------------------------------------------------------------- reward sources

@@ -466,6 +466,7 @@ class OnPolicyTrainer(Trainer):
         stats = {f"{self.stage}/{k}": v / max(n_tokens, 1.0) for k, v in s.items() if k != "entropy_tokens"}
         if "entropy_tokens" in s:
             stats[f"{self.stage}/entropy"] = s["entropy"] / max(s["entropy_tokens"], 1.0)
+        stats[f"{self.stage}/micro_batches"] = float(len(micro_batches))  # per rank (train.micro_batch_tokens)
         stats[f"{self.stage}/policy_grad_norm"] = bb.grad_norm(self.policy)
         if self.value is not None:
             stats[f"{self.stage}/value_grad_norm"] = bb.grad_norm(self.value)
