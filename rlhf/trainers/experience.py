@@ -37,6 +37,7 @@ class Experience:
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
     loss_mask: torch.Tensor | None = None  # (B, R) the action tokens the loss counts; None: action_mask
+    responses: list[str] | None = None  # the responses' text, when a reward source read it
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         return full_sequence(self.prompt_ids, self.prompt_mask, self.response_ids, self.action_mask)

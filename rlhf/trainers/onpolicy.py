@@ -233,7 +233,8 @@ class OnPolicyTrainer(Trainer):
         self.timers.update({f"time/reward_{k}_s": v for k, v in self.rewards.timings.items()})
         return Experience(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.action_mask,
                           passes.get("logprobs"), passes.get("ref_logprobs"), passes.get("values"),
-                          scores.to(rollout.prompt_ids.device), texts, rollout.rows)
+                          scores.to(rollout.prompt_ids.device), texts, rollout.rows,
+                          responses=responses if self.rewards.text_sources else None)
 
     @torch.no_grad()
     def forward_passes(self, rollout) -> dict[str, torch.Tensor]:
@@ -508,11 +509,13 @@ class OnPolicyTrainer(Trainer):
         return out
 
     def decode_responses(self, response_ids: torch.Tensor, action_mask: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-                for r, m in zip(response_ids, action_mask)]
+        """The responses' text (their action tokens), in one batched call of the tokenizer."""
+        ids = [[t for t, m in zip(r, k) if m] for r, k in zip(response_ids.tolist(), action_mask.tolist())]
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def gold_rewards(self, exp: Experience) -> list[float]:
-        texts = self.decode_responses(exp.response_ids, exp.action_mask)
+        texts = exp.responses if exp.responses is not None else self.decode_responses(exp.response_ids,
+                                                                                     exp.action_mask)
         return [self.gold_reward(p, t) for p, t in zip(exp.prompts, texts)]
 
     def write_samples(self, exp: Experience, n: int = 4) -> None:
