@@ -116,8 +116,11 @@ def test_dynamic_sampling_masks_groups_with_equal_scores(tmp_path, models, promp
     assert trainer.ref_policy is None and "grpo/kl" not in row  # kl_coef 0: no reference loaded
 
 
-def test_grpo_resume_reproduces(tmp_path, models, prompts_with_answers, backbone, monkeypatch):
-    extra = [f"reward.function={prompts_with_answers / 'reward.py'}:score", "train.max_steps=4", "checkpoint.every=2"]
+@pytest.mark.parametrize("layout", [[], ["rollout.shared_prefix=true", "train.micro_batch_tokens=70"]],
+                         ids=["rows", "groups_by_tokens"])  # the second: 2 epochs x 2 minibatches, by tokens
+def test_grpo_resume_reproduces(tmp_path, models, prompts_with_answers, backbone, monkeypatch, layout):
+    extra = [f"reward.function={prompts_with_answers / 'reward.py'}:score", "train.max_steps=4", "checkpoint.every=2",
+             *layout]
     GRPOTrainer(load_stage_config(GRPOConfig, None, overrides(tmp_path / "full", models, prompts_with_answers,
                                                               *extra)), backbone).fit()
     cfg = load_stage_config(GRPOConfig, None, overrides(tmp_path / "cut", models, prompts_with_answers, *extra))
@@ -137,6 +140,8 @@ def test_grpo_resume_reproduces(tmp_path, models, prompts_with_answers, backbone
     full = [[r[k] for k in keys] for r in metrics(tmp_path / "full") if "grpo/score" in r]
     cut = [[r[k] for k in keys] for r in metrics(tmp_path / "cut") if "grpo/score" in r]
     assert len(full) == 4 and torch.allclose(torch.tensor(full), torch.tensor(cut), atol=1e-6)
+    if layout:  # a minibatch (16 rows: 4 groups) ran a group a micro-batch, not the 2 of micro_batch_size 8
+        assert all(r["grpo/micro_batches"] == 4 for r in metrics(tmp_path / "cut") if "grpo/score" in r)
     a = load_file(tmp_path / "full" / "final" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
