@@ -185,8 +185,9 @@ class CountingMicroBatches(GRPOTrainer):
         return super().train_step(micro_batches)
 
 
-@pytest.mark.parametrize("shared", ["true", "false"])
-def test_micro_batches_by_tokens_update_as_fixed_ones(tmp_path, models, prompts_with_answers, backbone, shared):  # noqa: F811
+@pytest.mark.parametrize("shared,zero", [("true", 0), ("false", 0), ("true", 2)])
+def test_micro_batches_by_tokens_update_as_fixed_ones(tmp_path, models, prompts_with_answers, backbone,  # noqa: F811
+                                                      shared, zero):
     """train.micro_batch_tokens: one optimizer step over 32 rows (4 accumulation steps of
     8 rows by the config) in one micro-batch (a large budget) or in many (a small one):
     the same losses, gradient norm and weights as the 4 fixed micro-batches."""
@@ -195,7 +196,7 @@ def test_micro_batches_by_tokens_update_as_fixed_ones(tmp_path, models, prompts_
                         ("many", ("train.micro_batch_tokens=60",))):
         out = tmp_path / name
         trainer, row = one_step(out, models, prompts_with_answers, CountingMicroBatches, backbone,
-                                f"rollout.shared_prefix={shared}", *extra)
+                                f"rollout.shared_prefix={shared}", f"deepspeed.zero_stage={zero}", *extra)
         runs[name] = trainer.rows_per_micro_batch, row, load_file(out / "final" / "model.safetensors")
     assert runs["fixed"][0] == [8, 8, 8, 8] and runs["one"][0] == [32]
     many = runs["many"][0]
