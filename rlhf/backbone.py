@@ -501,12 +501,9 @@ class Backbone:
         _fsync_tree(tmp)
         self.barrier()
         if self.is_main:
-            if final.exists():
-                _delete_checkpoint(final)
-            os.replace(tmp, final)
-            _fsync(ckpt_root)  # the rename itself
+            replace_dir(tmp, final)
             for old in list_checkpoints(ckpt_root)[:-keep_last]:
-                _delete_checkpoint(old)
+                remove_dir(old)
         self.barrier()
         return final
 
@@ -632,14 +629,28 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def _delete_checkpoint(ckpt: Path) -> None:
-    """Delete a finished checkpoint so that it is whole or gone at every moment: one
-    atomic rename out of the `step-*` names, then the files (a kill during those leaves
-    a `.deleting-step-N` directory, which the next save removes)."""
-    doomed = ckpt.with_name(".deleting-" + ckpt.name)
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that it is whole or gone at every moment: one atomic rename
+    to `.deleting-<name>`, then the files (a kill during those leaves that directory,
+    which the next `remove_dir` or `replace_dir` of the same name removes; checkpoint
+    saves also sweep `.deleting-step-*`)."""
+    doomed = path.with_name(".deleting-" + path.name)
     shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(ckpt, doomed)
-    _fsync(ckpt.parent)
+    os.replace(path, doomed)
+    _fsync(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put directory `src` in `dst`'s place: an existing `dst` is renamed away first and
+    deleted after, so that a kill at any moment leaves `dst` whole (old or new) or
+    absent, never half-deleted."""
+    doomed = dst.with_name(".deleting-" + dst.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, doomed)
+    os.replace(src, dst)
+    _fsync(dst.parent)  # the renames themselves
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -129,7 +129,7 @@ def test_a_kill_while_deleting_an_old_checkpoint_leaves_no_half_deleted_step_dir
 
     monkeypatch.setattr(shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
-        bb._delete_checkpoint(old)
+        bb.remove_dir(old)
     assert bb.list_checkpoints(tmp_path) == []  # not a finished checkpoint any more
     assert [p.name for p in tmp_path.iterdir()] == [".deleting-step-00000003"]
 

@@ -33,7 +33,7 @@ import torch
 from rlhf.config import ModelConfig
 from rlhf.lm_head import chunked_head, chunked_logprobs
 from rlhf.losses import entropy_from_logits, logprobs_from_logits
-from rlhf.models import custom_attention_mask
+from rlhf.models import custom_attention_mask, position_ids_from_mask
 
 
 @dataclass
@@ -77,12 +77,13 @@ def group_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_i
     branch = torch.cat([torch.zeros(P, dtype=torch.long, device=dev),
                         torch.arange(1, group + 1, device=dev).repeat_interleave(R)]).expand(rows, -1)
     plen = pmask.sum(1)  # (rows,)
-    rank = (amask.long().cumsum(1) - 1).clamp(min=0)  # (B, R) a token's index among its response's real ones
-    positions = torch.cat([(pmask.long().cumsum(1) - 1).clamp(min=0),
+    rank = position_ids_from_mask(amask)  # (B, R) a token's index among its response's real ones
+    positions = torch.cat([position_ids_from_mask(pmask),
                            (plen[:, None, None] + rank.reshape(rows, group, R)).reshape(rows, group * R)], 1)
     # Packed: each real item moves to the column after the real items before it.
     dest = real.long().cumsum(1) - 1
-    T = int(real.sum(1).max())
+    width = real.sum(1, keepdim=True)  # (rows, 1) each packed row's real tokens
+    T = int(width.max())
     row_of = torch.arange(rows, device=dev)[:, None].expand_as(dest)
     at = (row_of[real], dest[real])
 
@@ -93,7 +94,7 @@ def group_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_i
 
     input_ids = packed(ids, 0)
     pbranch, ppos = packed(branch, -1), packed(positions, 0)
-    preal = torch.arange(T, device=dev)[None] < real.sum(1, keepdim=True)
+    preal = torch.arange(T, device=dev)[None] < width
     col = torch.arange(T, device=dev)
     sees = (col[:, None] >= col[None, :]) & ((pbranch[:, :, None] == pbranch[:, None, :]) | (pbranch[:, None, :] == 0))
     allowed = (sees & preal[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]

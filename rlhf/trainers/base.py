@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf.backbone import Backbone, list_checkpoints
+from rlhf.backbone import Backbone, list_checkpoints, replace_dir
 from rlhf.config import BaseStageConfig, dump, to_dict
 from rlhf.data import StageData, build_stage_data
 from rlhf.data.batching import StepSampler, eval_batches
@@ -307,12 +307,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.export(tmp)
         if self.backbone.is_main:
-            old = self.out / ".final.old"  # renamed away first: a kill mid-deletion leaves no half final/
-            shutil.rmtree(old, ignore_errors=True)
-            if (self.out / "final").exists():
-                (self.out / "final").rename(old)
-            tmp.rename(self.out / "final")
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, self.out / "final")
         self.backbone.barrier()
 
     def export(self, out_dir: Path) -> None:
