@@ -279,6 +279,81 @@ def test_ppo_with_groups_scores_values_in_the_shared_layout(tmp_path, models, ta
         assert all(torch.allclose(weights["true"][k], weights[other][k], atol=1e-5) for k in weights["true"])
 
 
+def reference_sampling(model, prompt_ids, prompt_mask, cfg, stop_ids, pad_id, greedy):
+    """HF `generate` running our sampler (`SamplingSteps`) on every row of the batch at
+    every step, stopped rows included (HF pads them): how rollouts were sampled before
+    rows left the batch. The tokens `(B, R)` and log-probs `(B, R)`."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    from rlhf.rollout.hf import SamplingSteps
+
+    steps = SamplingSteps(cfg, stop_ids, pad_id, greedy, with_logprobs=True)
+    P, chosen = prompt_ids.shape[1], []
+
+    def pick(input_ids, scores):
+        B = scores.shape[0]
+        token, logprob = steps(scores, input_ids.shape[1] - P, torch.arange(B), B)
+        chosen.append(logprob)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids,
+                           pad_token_id=pad_id)
+    seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen,
+                         logits_processor=LogitsProcessorList([pick]))
+    return seq[:, P:], torch.stack(chosen, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "mistral", "qwen2"])
+def test_decoding_drops_stopped_rows_and_samples_what_hf_generate_samples(tokenizer, family, monkeypatch):
+    """`sample_responses`' own decoding loop, whose stopped rows leave the batch, gives
+    the tokens and log-probs of HF `generate` running the same sampler on every row,
+    under one seed: greedy and sampled (temperature, top-k, top-p, min_new_tokens),
+    rows stopping at different steps, prompts of different lengths, each prompt alone
+    or prefilled once per group; and the same again when the cache keeps every row."""
+    from rlhf.config import ModelConfig, RolloutConfig
+    from rlhf.models import load_causal_lm
+    from rlhf.rollout import hf
+    from conftest import PACKING_ARCHS, TINY_ARCHS
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(arch=dict({**TINY_ARCHS, **PACKING_ARCHS}[family]), dropout=0.0),
+                           tokenizer).eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 6.0  # where a hidden feature is high: rows stop at different steps (greedy too), some never
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: out + bias * (args[0][..., :1] > 0.5))
+    G = 3
+    prompt_ids, prompt_mask, _, _ = rollout_batch(len(tokenizer), pad, eos, G, prompt_lengths=(5, 1, 7, 3))
+    B, drop_rows = prompt_ids.shape[0], hf.drop_rows
+    rows = []  # the rows each forward reads
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    settings = [(True, RolloutConfig(max_new_tokens=10)),
+                (False, RolloutConfig(max_new_tokens=10, temperature=0.8)),
+                (False, RolloutConfig(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9, min_new_tokens=2))]
+    for greedy, cfg in settings:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            ref_ids, ref_lp = reference_sampling(model, prompt_ids, prompt_mask, cfg, [eos], pad, greedy)
+        ref_ids, ref_mask = hf.end_at_eos(ref_ids, [eos], pad)
+        lengths = ref_mask.sum(1)
+        assert lengths.min() < lengths.max()  # rows stopped at different steps
+        for group, can_drop in ((1, True), (G, True), (G, False)):
+            monkeypatch.setattr(hf, "drop_rows", drop_rows if can_drop else (lambda cache: False))
+            torch.manual_seed(5)
+            rows.clear()
+            ids, lp = hf.sample_responses(model, prompt_ids, prompt_mask, cfg, [eos], pad, greedy, with_logprobs=True,
+                                          group=group)
+            assert torch.equal(ids, ref_ids), (greedy, group, can_drop)
+            assert torch.allclose(lp, ref_lp * ref_mask, atol=1e-5)
+            assert (lp[ref_mask == 0] == 0).all()
+            decoding = rows[1:] if group == 1 else rows[2:]  # after the prefill (and the prompts' last column)
+            assert len(decoding) == ids.shape[1] - 1
+            if can_drop:  # each step reads the rows that have not stopped yet
+                going = [int((lengths > t).sum()) for t in range(1, ids.shape[1])]
+                assert decoding == going and min(going) < B
+            else:
+                assert set(decoding) == {B}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "mistral", "qwen2"])
 def test_generation_prefills_each_prompt_once_per_group(tokenizer, family):
     """`sample_responses` with group = G computes the prompts' cache on one row per group
@@ -307,8 +382,10 @@ def test_generation_prefills_each_prompt_once_per_group(tokenizer, family):
             shapes.clear()
             outs.append(sample_responses(model, prompt_ids, prompt_mask, cfg, [tokenizer.eos_token_id],
                                          tokenizer.pad_token_id, greedy, with_logprobs=True, group=group))
-            # the prompts are read once per row, or once per group and then only their last column
-            assert shapes[:2] == ([(B, P), (B, 1)] if group == 1 else [(B // G, P - 1), (B, 1)])
+            # the prompts are read once per row, or once per group and then only their last
+            # column (by the rows still going: a row that stopped leaves the batch)
+            assert shapes[0] == ((B, P) if group == 1 else (B // G, P - 1))
+            assert shapes[1][1] == 1 and shapes[1][0] <= B
         (ids, lp), (gids, glp) = outs
         assert torch.equal(ids, gids)
         assert torch.allclose(lp, glp, atol=1e-5)

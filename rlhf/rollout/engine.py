@@ -1,7 +1,7 @@
 """Rollout engines: what the on-policy trainer samples responses through.
 
 An engine owns sampling and its exactness (settings, stop ids, pad never drawn, the
-ZeRO-3 gather-once); trainers never call HF `generate` (or vLLM) themselves. A new
+ZeRO-3 gather-once); trainers never decode (or call vLLM) themselves. A new
 engine implements `generate` and `sync_weights`.
 """
 
@@ -43,9 +43,10 @@ class RolloutEngine:
 
 
 class HFEngine(RolloutEngine):
-    """Hugging Face `generate` on the policy's own DeepSpeed engine (rlhf.rollout.hf.generate):
-    under ZeRO-3 the weights are gathered once per rollout batch; with n > 1 each
-    prompt's prefill runs once for its n rows (exact up to rounding, so not a setting).
+    """Decoding with the policy's own DeepSpeed engine (rlhf.rollout.hf.generate: its HF
+    forward and key/value cache, rows leaving the batch as they stop): under ZeRO-3 the
+    weights are gathered once per rollout batch; with n > 1 each prompt's prefill runs
+    once for its n rows (exact up to rounding, so not a setting).
     It samples from the live weights, so `sync_weights` has nothing to do."""
 
     def __init__(self, policy, cfg: RolloutConfig, tokenizer, zero_stage: int, stop_ids: list[int]):

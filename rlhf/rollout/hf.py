@@ -139,158 +139,171 @@ def generate(engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: R
 def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, s, stop_ids: int | list[int],
                      pad_id: int, greedy: bool = False, with_logprobs: bool = False,
                      group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One HF `generate` call on a causal LM (plain or PEFT): the generated ids `(B, R)`
-    (HF pads rows that ended) and, with `with_logprobs`, their log-probs `(B, R)`.
+    """Sample a response for each prompt row with a causal LM (plain or PEFT): the
+    generated ids `(B, R)` (pad after a row's stop token; R is the number of steps run,
+    at most `s.max_new_tokens`: decoding ends when every row has stopped) and, with
+    `with_logprobs`, their log-probs `(B, R)` (0 after the stop token).
 
     `s` holds the sampling settings (`max_new_tokens`, `min_new_tokens`, `temperature`,
-    `top_k`, `top_p`: a RolloutConfig or evaluate.Sampling). They are the only ones
-    that apply: settings the model's own generation_config.json carries (a hub model's
-    repetition_penalty, top_k, ...) are set aside for the call, since PPO's math
-    assumes the responses were drawn from the policy as the config describes. Each
-    step's logits go through `SamplingSteps`: EOS held back before min_new_tokens, pad
-    never chosen, then temperature, top-k and top-p, then one token drawn. Generation
-    of a row stops at the first of `stop_ids`.
+    `top_k`, `top_p`: a RolloutConfig or evaluate.Sampling); nothing else applies (the
+    settings a hub model's generation_config.json carries are not read), since PPO's
+    math assumes the responses were drawn from the policy as the config describes.
+    Each step's logits go through `SamplingSteps`.
 
-    With `group` > 1 (rows `k group .. k group + group - 1` are copies of one prompt),
-    the prompts' key/value cache is computed once per group and repeated for its rows
-    (`shared_prompt_cache`): the prefill reads B / group rows instead of B. Same tokens
-    and log-probs up to the rounding of another batch shape.
+    The loop is the model's forward with its key/value cache, one column a step, as HF
+    `generate` runs it (the same tokens: tests/test_ppo.py), with one difference: a row
+    that has stopped leaves the batch, its cache rows dropped, so later steps compute
+    only the rows still going (`drop_rows`; caches other than HF's dynamic ones keep
+    every row, fed pad, as `generate` does). With `group` > 1 (rows `k group .. k group
+    + group - 1` are copies of one prompt), the prompts' key/value cache is computed
+    once per group and repeated for its rows (`shared_prompt_cache`). Both change only
+    the rounding of a batch shape; the random numbers drawn are the same.
     """
-    from transformers import GenerationConfig
-
     stop_ids = as_stop_ids(stop_ids)
-    steps = SamplingSteps(s, stop_ids, pad_id, prompt_ids.shape[1], greedy, with_logprobs, prompt_ids.device)
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, eos_token_id=stop_ids,
-                               pad_token_id=pad_id, use_cache=True)
-    cache = {}
+    steps = SamplingSteps(s, stop_ids, pad_id, greedy, with_logprobs)
+    forward = DecodingForward(model)
+    B, device = prompt_ids.shape[0], prompt_ids.device
+    ids, mask, pos, cache = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), None
     if group > 1 and prompt_ids.shape[1] > 1:
-        cache = shared_prompt_cache(model, prompt_ids, prompt_mask, group)
-    with own_generation_config(model):
-        seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg,
-                             logits_processor=steps.processors(), **cache)
-    return seq[:, prompt_ids.shape[1]:], steps.logprobs()
+        cache = shared_prompt_cache(model, prompt_ids, prompt_mask, group)[forward.cache_name]
+        ids, pos = ids[:, -1:], pos[:, -1:]
+    tokens = torch.full((B, s.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, s.max_new_tokens, device=device) if with_logprobs else None
+    rows = torch.arange(B, device=device)  # the batch rows still in the computed batch, in its order
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)  # of those, the ones that have stopped
+    stop = torch.tensor(stop_ids, device=device)
+    width = 0
+    for t in range(s.max_new_tokens):
+        logits, cache = forward(ids, mask, pos, cache)
+        token, logprob = steps(logits, t, rows, B)
+        token = token.masked_fill(stopped, pad_id)
+        tokens[rows, t] = token
+        if with_logprobs:
+            logprobs[rows, t] = logprob.masked_fill(stopped, 0.0)
+        width = t + 1
+        stopped = stopped | torch.isin(token, stop)
+        if bool(stopped.all()):
+            break
+        ids, mask, pos = token[:, None], torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), pos[:, -1:] + 1
+        if drop_rows(cache) and bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, ids, mask, pos, stopped = rows[keep], ids[keep], mask[keep], pos[keep], stopped[keep]
+    return tokens[:, :width], logprobs[:, :width] if with_logprobs else None
+
+
+class DecodingForward:
+    """One decoding step of `sample_responses`: `(ids, mask, positions, cache) -> (the
+    last column's logits (B, V), the cache)`, with the keyword names this model's
+    forward takes (the cache is `cache` from transformers 5.24, `past_key_values`
+    before; `position_ids` and `logits_to_keep` where the family has them, as HF
+    `generate` passes them). The first call (cache None) reads the whole prompt."""
+
+    def __init__(self, model):
+        self.model = model
+        params = inspect.signature(unwrap(model).forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
+        self.positions = "position_ids" in params
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def __call__(self, ids, mask, pos, cache):
+        kwargs = {"position_ids": pos} if self.positions else {}
+        if cache is not None:
+            kwargs[self.cache_name] = cache
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs, **self.keep)
+        return out.logits[:, -1], getattr(out, self.cache_name)
+
+
+def drop_rows(cache) -> bool:
+    """Whether rows can leave `cache` (`batch_select_indices`) with all of their state:
+    HF's dynamic caches, whose every layer holds only keys and values per row
+    (DynamicLayer, the sliding-window one included). Other caches (static, hybrid
+    linear-attention ones) keep every row."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
 
 
 def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
     """The key/value cache of the prompts' first P - 1 columns, computed on one row per
     group (rows `k group` of `(B, P)` left-padded prompts) and repeated `group` times,
-    so it stands for all B rows. HF `generate` handed it runs only the last prompt
-    column and the new tokens: a cache must leave at least one input column to compute
-    the first token's logits from. Positions restart at the first real token, as
-    `generate` gives them; no logits are computed here beyond one column. Returns the
-    keyword argument for `generate` (`cache` from transformers 5.24, `past_key_values`
-    before)."""
+    so it stands for all B rows. Decoding handed it runs only the last prompt column
+    and then the new tokens: a cache must leave at least one input column to compute
+    the first token's logits from. Positions restart at the first real token. No
+    logits are computed here beyond one column. Returns the cache under the keyword the
+    model's forward takes (`cache` from transformers 5.24, `past_key_values` before)."""
+    forward = DecodingForward(model)
     ids, mask = prompt_ids[::group, :-1], prompt_mask[::group, :-1]
-    params = inspect.signature(unwrap(model).forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True, **keep)
-    cache = getattr(out, name)
+    _, cache = forward(ids, mask, position_ids_from_mask(mask), None)
     cache.batch_repeat_interleave(group)
-    return {name: cache}
-
-
-@contextlib.contextmanager
-def own_generation_config(model):
-    """A blank generation_config on the model for the duration (token ids kept): HF's
-    `generate` fills every setting it is not given from it. Restored afterwards, so an
-    exported model keeps its own."""
-    from transformers import GenerationConfig
-
-    hf = unwrap(model)
-    saved = hf.generation_config
-    hf.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
-                                            pad_token_id=saved.pad_token_id)
-    try:
-        yield
-    finally:
-        hf.generation_config = saved
+    return {forward.cache_name: cache}
 
 
 class SamplingSteps:
-    """What happens to each step's logits in `sample_responses`, as HF logits processors
-    run by `generate`'s greedy loop (no processor of HF's own is configured):
+    """What happens to each step's logits in `sample_responses`:
 
         record     log_softmax(logits / temperature), when log-probs are asked for
         min_new    every stop token at -inf before min_new_tokens
         no pad     pad at -inf: pad is not a word
-        temperature, top-k, top-p   (when sampling)
+        temperature, top-k, top-p   (when sampling; HF's warpers)
         pick       the next token: drawn by `sample_from_scores` (or the argmax when
-                   greedy); its recorded log-prob is kept; the scores handed back are
-                   -inf except at that token, so HF's argmax takes it
+                   greedy), with its recorded log-prob
 
     The recorded log-probs are of the policy as it is (before min_new / no pad / top-k
     / top-p), the distribution PPO's forward passes compute, so they stand in for a
     forward pass over the responses: in fp32 equal to it up to rounding.
     """
 
-    def __init__(self, s, stop_ids: list[int], pad_id: int, prompt_width: int, greedy: bool, with_logprobs: bool,
-                 device: torch.device):
-        from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
-                                                            SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                                                            TopKLogitsWarper, TopPLogitsWarper)
+    def __init__(self, s, stop_ids: list[int], pad_id: int, greedy: bool, with_logprobs: bool):
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
         self.temperature = s.temperature if s.temperature else 1.0
-        self.table: torch.Tensor | None = None
-        self.chosen: list[torch.Tensor] = []
-        self.with_logprobs = with_logprobs
-        steps = [_Call(self.record)] if with_logprobs else []
-        if s.min_new_tokens:
-            steps.append(MinNewTokensLengthLogitsProcessor(prompt_width, s.min_new_tokens, stop_ids, device=device))
-        steps.append(SuppressTokensLogitsProcessor([pad_id], device=device))
-        if not greedy:
+        self.min_new_tokens = s.min_new_tokens or 0
+        self.stop_ids, self.pad_id, self.greedy, self.with_logprobs = stop_ids, pad_id, greedy, with_logprobs
+        self.warpers = []
+        if not greedy and s.top_k:
+            self.warpers.append(TopKLogitsWarper(s.top_k))
+        if not greedy and s.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(s.top_p))
+
+    def __call__(self, logits: torch.Tensor, step: int, rows: torch.Tensor,
+                 batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens `(n,)` of step `step` (0-based) for the `n` rows `rows` of a
+        `batch`-row batch whose logits `(n, V)` these are, and their log-probs `(n,)`
+        (None without `with_logprobs`). A uniform number is drawn for every row of
+        the batch, stopped ones included, so the numbers a row gets do not depend on
+        which other rows are still going."""
+        scores = logits.float().clone()
+        table = torch.log_softmax(scores / self.temperature, dim=-1) if self.with_logprobs else None
+        if step < self.min_new_tokens:
+            scores[:, self.stop_ids] = float("-inf")
+        scores[:, self.pad_id] = float("-inf")
+        if self.greedy:
+            token = scores.argmax(dim=-1)
+        else:
             if self.temperature != 1.0:
-                steps.append(TemperatureLogitsWarper(self.temperature))
-            if s.top_k:
-                steps.append(TopKLogitsWarper(s.top_k))
-            if s.top_p < 1.0:
-                steps.append(TopPLogitsWarper(s.top_p))
-        steps.append(_Call(self.pick_greedy if greedy else self.pick_sample))
-        self.steps = steps
-
-    def processors(self):
-        from transformers import LogitsProcessorList
-
-        return LogitsProcessorList(self.steps)
-
-    def record(self, scores: torch.Tensor) -> torch.Tensor:
-        self.table = torch.log_softmax(scores / self.temperature, dim=-1)
-        return scores
-
-    def pick_sample(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.keep(scores, sample_from_scores(scores))
-
-    def pick_greedy(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.keep(scores, scores.argmax(dim=-1, keepdim=True))
-
-    def keep(self, scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        if self.with_logprobs:
-            self.chosen.append(self.table.gather(1, token))
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
-
-    def logprobs(self) -> torch.Tensor | None:
-        return torch.cat(self.chosen, dim=1) if self.with_logprobs else None
+                scores = scores / self.temperature
+            for warp in self.warpers:
+                scores = warp(None, scores)
+            uniform = torch.rand(batch, 1, dtype=torch.float64, device=scores.device)[rows]
+            token = sample_from_scores(scores, uniform=uniform).squeeze(1)
+        return token, table.gather(1, token[:, None]).squeeze(1) if self.with_logprobs else None
 
 
-class _Call:
-    """A logits processor that calls `fn(scores)`."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.fn(scores)
-
-
-def sample_from_scores(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_scores(scores: torch.Tensor, generator: torch.Generator | None = None,
+                       uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token `(B, 1)` per row drawn from softmax(scores), by inverse CDF: a single
     uniform number per row, located in the row's cumulative probabilities. The same
     distribution as `torch.multinomial`, which on the CPU draws an exponential number
     for every vocabulary entry (benchmarks/ppo_sampling.py: PPO's experience step 10%
-    faster on a small model). Tokens at -inf are never drawn."""
+    faster on a small model). Tokens at -inf are never drawn. `uniform` `(B, 1)`: the
+    numbers in [0, 1) to locate, instead of drawing them."""
     cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=scores.device, generator=generator) * total
+    if uniform is None:
+        uniform = torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=scores.device, generator=generator)
+    u = uniform.to(cdf.dtype) * total
     # cdf is non-decreasing and u < cdf[-1] (the product can round up to it): the first
     # entry above u has probability > 0.
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))

@@ -125,7 +125,7 @@ class OnPolicyTrainer(Trainer):
         torch.manual_seed(cfg.seed * 1000 + bb.rank)
 
     def make_rollout_engine(self):
-        """rollout.engine: HF generate on the policy's own engine, or vLLM (rlhf.rollout.vllm)."""
+        """rollout.engine: decoding on the policy's own engine (hf), or vLLM (rlhf.rollout.vllm)."""
         cfg = self.cfg
         if cfg.rollout.engine == "vllm":
             from rlhf.rollout.vllm import VLLMEngine
