@@ -151,7 +151,7 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     Each step's logits go through `SamplingSteps`.
 
     The loop is the model's forward with its key/value cache, one column a step, as HF
-    `generate` runs it (the same tokens: tests/test_ppo.py), with one difference: a row
+    `generate` runs it (the same tokens: tests/test_grpo_fast.py), with one difference: a row
     that has stopped leaves the batch, its cache rows dropped, so later steps compute
     only the rows still going (`drop_rows`; caches other than HF's dynamic ones keep
     every row, fed pad, as `generate` does). With `group` > 1 (rows `k group .. k group
