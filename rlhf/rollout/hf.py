@@ -165,7 +165,7 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     B, device = prompt_ids.shape[0], prompt_ids.device
     ids, mask, pos, cache = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), None
     if group > 1 and prompt_ids.shape[1] > 1:
-        cache = shared_prompt_cache(model, prompt_ids, prompt_mask, group)[forward.cache_name]
+        cache = shared_prompt_cache(forward, prompt_ids, prompt_mask, group)
         ids, pos = ids[:, -1:], pos[:, -1:]
     tokens = torch.full((B, s.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, s.max_new_tokens, device=device) if with_logprobs else None
@@ -225,19 +225,18 @@ def drop_rows(cache) -> bool:
     return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
 
 
-def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int):
-    """The key/value cache of the prompts' first P - 1 columns, computed on one row per
-    group (rows `k group` of `(B, P)` left-padded prompts) and repeated `group` times,
-    so it stands for all B rows. Decoding handed it runs only the last prompt column
-    and then the new tokens: a cache must leave at least one input column to compute
-    the first token's logits from. Positions restart at the first real token. No
-    logits are computed here beyond one column. Returns the cache under the keyword the
-    model's forward takes (`cache` from transformers 5.24, `past_key_values` before)."""
-    forward = DecodingForward(model)
+def shared_prompt_cache(forward: DecodingForward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        group: int):
+    """The key/value cache of the prompts' first P - 1 columns, computed (by the model's
+    `forward`) on one row per group (rows `k group` of `(B, P)` left-padded prompts)
+    and repeated `group` times, so it stands for all B rows. Decoding handed it runs
+    only the last prompt column and then the new tokens: a cache must leave at least
+    one input column to compute the first token's logits from. Positions restart at
+    the first real token. No logits are computed here beyond one column."""
     ids, mask = prompt_ids[::group, :-1], prompt_mask[::group, :-1]
     _, cache = forward(ids, mask, position_ids_from_mask(mask), None)
     cache.batch_repeat_interleave(group)
-    return {forward.cache_name: cache}
+    return cache
 
 
 class SamplingSteps:
@@ -274,7 +273,7 @@ class SamplingSteps:
         (None without `with_logprobs`). A uniform number is drawn for every row of
         the batch, stopped ones included, so the numbers a row gets do not depend on
         which other rows are still going."""
-        scores = logits.float().clone()
+        scores = logits.to(torch.float32, copy=True)  # one copy, which the steps below may write into
         table = torch.log_softmax(scores / self.temperature, dim=-1) if self.with_logprobs else None
         if step < self.min_new_tokens:
             scores[:, self.stop_ids] = float("-inf")
