@@ -2,14 +2,14 @@
 
 Same starting policy, prompts, group size, prompts per step, response length, sampling
 (temperature 1, no top-k/top-p), learning rate and schedule (linear, no warmup), AdamW
-settings, clipping (0.2 both sides), loss aggregation, KL setting and fp32, and the same
-reward: the task's gold reward as a Python function (ours `reward.function`, TRL's
-`reward_funcs`), so no reward model runs. One optimizer step per rollout batch (TRL:
-gradient_accumulation_steps = rows / micro-batch, steps_per_generation the same, one
-iteration), the advantage (r - group mean) / (group std + 1e-4) on both (TRL's
-scale_rewards="group"). The KL to the reference, when --beta > 0, is k3 in the loss on
-both (TRL's only form; ours `grpo.kl_in=loss`). Each framework runs in its own child
-process, alternately; medians are reported.
+settings, clipping (0.2 both sides), loss aggregation, KL setting and precision (fp32
+unless --precision bf16), and the same reward: the task's gold reward as a Python
+function (ours `reward.function`, TRL's `reward_funcs`), so no reward model runs. One
+optimizer step per rollout batch (TRL: gradient_accumulation_steps = rows / micro-batch,
+steps_per_generation the same, one iteration), the advantage (r - group mean) / (group
+std + 1e-4) on both (TRL's scale_rewards="group"). The KL to the reference, when --beta
+> 0, is k3 in the loss on both (TRL's only form; ours `grpo.kl_in=loss`). Each framework
+runs in its own child process, alternately; medians are reported.
 
 Updating once per rollout, both take the "old" log-probs as the update's own, detached,
 and make no policy pass over the rollout (ours: OnPolicyTrainer.old_logprobs_from_update).
@@ -42,6 +42,20 @@ the `one_word` task's prompts rendered with its chat template, the gold reward
 tokens), micro-batches of 16, lr 1e-6:
 
     python benchmarks/bench_grpo.py --model smollm2 --repeats 3 --out benchmarks/results/grpo_smollm2_cpu.json
+
+A random-init body (`--body`, with --hidden/--layers/--heads/--intermediate/--kv-heads;
+those size arguments are refused without it): a Llama-style model of that size made by
+`common.prepare` (the describe task's tokenizer and prompts, as bench_ppo.py's), the gold
+reward `rlhf.task:gold_rewards`, prompts of up to 24 tokens and max_length = 24 +
+--response-length (the model's positions cover it). The held-out gold of a random policy
+means nothing, so it is not measured (gold_start and gold_end are null in the JSON) and
+no final policy is saved. On a GPU (cuda when available; `--precision bf16`: ours in
+DeepSpeed bf16 with fp32 master weights, ZeRO-1; TRL with fp32 weights under bf16
+autocast, as bench_ppo.py and bench_sft.py run it), the 1.0B body of gpu_run.sh:
+
+    python benchmarks/bench_grpo.py --body --hidden 2048 --intermediate 8192 --layers 16 --heads 32 \
+        --kv-heads 8 --prompts 16 --group 8 --micro 16 --response-length 256 --steps 4 --precision bf16 \
+        --repeats 1 --out benchmarks/results/gpu/grpo_1b.json
 """
 
 from __future__ import annotations
@@ -55,12 +69,16 @@ import sys
 import time
 from pathlib import Path
 
-from common import (ROOT, call_clock, compare, emit, is_real, parent_args, prepare_real, real_model_name,
-                    real_model_source, save, shape_defaults, step_times, table, timed_ours, train_timer)
+from common import (ROOT, arch_of, call_clock, compare, emit, is_real, parent_args, precision_overrides, prepare,
+                    prepare_real, real_model_name, real_model_source, save, shape_defaults, step_times, table,
+                    timed_ours, train_timer)
 
 # Our loss aggregation -> TRL's loss_type with the same normalisation of the summed token losses.
 LOSS_TYPES = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_sum_norm": "dr_grpo"}
 REWARD_FUNCTIONS = {"describe": "rlhf.task:gold_rewards", "one_word": "rlhf.task_one_word:gold_rewards"}
+# The model-size arguments (common.model_args), used only with --body.
+SIZE_ARGS = ("hidden", "layers", "heads", "intermediate", "kv_heads")
+BODY_PROMPT_LENGTH = 24  # the tiny path's (the quickstart's) data.max_prompt_length
 
 
 def steady(seconds: list[float]) -> float:
@@ -76,7 +94,8 @@ def emit_run(spec: dict, seconds: float, step_seconds: list[float], **extra) -> 
 
 def heldout_gold(model_dir: str, spec: dict) -> float:
     """Mean gold reward of one response sampled (seeded, the benchmark's temperature)
-    per held-out prompt, by our sampler for both frameworks' policies."""
+    per held-out prompt, by our sampler for both frameworks' policies: on the run's
+    device, in bf16 on a GPU when the run is bf16 (fp32 otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +108,9 @@ def heldout_gold(model_dir: str, spec: dict) -> float:
 
     tok = load_tokenizer(TokenizerConfig(path=spec["tokenizer"]))
     stops = stop_token_ids(tok, spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = spec["device"]
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" and device != "cpu" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     gold = gold_function(spec["task"])
     prompts = [json.loads(x)["prompt"] for x in Path(spec["prompts_eval"]).read_text().splitlines()]
     sampling = RolloutConfig(max_new_tokens=spec["response_length"], temperature=spec["temperature"])
@@ -99,8 +120,8 @@ def heldout_gold(model_dir: str, spec: dict) -> float:
         for i in range(0, len(prompts), 64):
             batch = collate_prompts([{"prompt_ids": encode_prompt(tok, p)} for p in prompts[i:i + 64]],
                                     tok.pad_token_id)
-            ids, _ = sample_responses(model, batch["input_ids"], batch["attention_mask"], sampling, stops,
-                                      tok.pad_token_id)
+            ids, _ = sample_responses(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      sampling, stops, tok.pad_token_id)
             ids, mask = end_at_eos(ids, stops, tok.pad_token_id)
             texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(ids, mask)]
             total += sum(gold(p, t) for p, t in zip(prompts[i:i + 64], texts))
@@ -130,14 +151,14 @@ def ours_config(spec: dict):
         "grpo.advantage=grpo", f"grpo.loss_aggregation={spec['loss']}", "grpo.clip_low=0.2", "grpo.clip_high=0.2",
         f"policy.optim.lr={spec['lr']}", "policy.optim.scheduler=linear", "policy.optim.warmup_steps=0",
         "policy.optim.weight_decay=0.0", "policy.optim.betas=[0.9, 0.95]", "policy.optim.max_grad_norm=1.0",
-        "deepspeed.precision=fp32", "deepspeed.zero_stage=0", "sample_every=0", "logging.progress_bar=false",
+        *precision_overrides(spec["precision"]), "sample_every=0", "logging.progress_bar=false",
         f"seed={spec['seed']}", f"train.log_every={spec['steps']}", *spec.get("ours", [])])
 
 
 def child_ours(spec: dict) -> None:
     from rlhf.trainers.algorithms import GRPOTrainer
 
-    gold_start = heldout_gold(spec["model"], spec)
+    gold_start = heldout_gold(spec["model"], spec) if spec["gold"] else None
     trainer = GRPOTrainer(ours_config(spec))
     trainer.setup()
     trainer.resume()
@@ -152,10 +173,13 @@ def child_ours(spec: dict) -> None:
     generation = call_clock(trainer.engine, "generate", spec)
     experience, learn = call_clock(trainer, "make_experience", spec), call_clock(trainer, "learn", spec)
     seconds = timed_ours(spec, trainer)
-    trainer.export(trainer.out / "final")
+    gold_end = None
+    if spec["gold"]:
+        trainer.export(trainer.out / "final")
+        gold_end = final_gold(trainer.out / "final", spec)
     emit_run(spec, seconds, [a + b for a, b in zip(experience, learn)], gen_s=steady(generation),
              experience_s=steady(experience), learn_s=steady(learn), response_length=statistics.mean(lengths),
-             gold_start=gold_start, gold_end=final_gold(trainer.out / "final", spec))
+             gold_start=gold_start, gold_end=gold_end)
 
 
 def trl_reward(task: str):
@@ -187,8 +211,10 @@ def child_trl(spec: dict) -> None:
         beta=spec["beta"], epsilon=0.2, loss_type=LOSS_TYPES[spec["loss"]], scale_rewards="group",
         learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=spec["steps"], logging_steps=spec["steps"],
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
-        disable_dropout=True, model_init_kwargs={"dtype": "float32"}, seed=spec["seed"], disable_tqdm=True)
+        save_strategy="no", report_to=[], use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16",
+        gradient_checkpointing=False, disable_dropout=True, seed=spec["seed"], disable_tqdm=True,
+        # fp32 weights (bf16: under autocast, fp32 master weights as ours), as bench_ppo.py's TRL
+        model_init_kwargs={"dtype": "float32"})
     timer = train_timer(spec)
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=[trl_reward(spec["task"])], args=args, train_dataset=ds,
                           processing_class=tok, callbacks=[timer])
@@ -204,10 +230,13 @@ def child_trl(spec: dict) -> None:
 
     trainer._generate_and_score_completions = clocked
     trainer.train()
-    trainer.save_model(str(out / "final"))
+    gold_end = None
+    if spec["gold"]:
+        trainer.save_model(str(out / "final"))
+        gold_end = final_gold(out / "final", spec)
     emit_run(spec, timer.seconds, timer.step_seconds, gen_s=steady(generation), experience_s=steady(experience),
              learn_s=steady([s - e for s, e in zip(timer.step_seconds, experience)]),
-             response_length=statistics.mean(lengths), gold_end=final_gold(out / "final", spec))
+             response_length=statistics.mean(lengths), gold_end=gold_end)
 
 
 # ---------------------------------------------------------------- data and models
@@ -224,6 +253,17 @@ def prepare_tiny(work: Path) -> dict[str, str]:
     return {"model": str(qs / "sft" / "final"), "tokenizer": str(qs / "sft" / "final"),
             "prompts_train": str(task / "prompts_train.jsonl"), "prompts_eval": str(task / "prompts_eval.jsonl"),
             "task": "describe"}
+
+
+def prepare_body(args, max_positions: int) -> tuple[Path, dict[str, str]]:
+    """A random-init Llama-style body of the --hidden/--layers/... size with the describe
+    task's tokenizer and prompts (common.prepare, made once per size into --work)."""
+    work = Path(args.work) / (f"grpo-body-h{args.hidden}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
+                              f"-i{args.intermediate}-p{max_positions}")
+    files = prepare(work, arch_of(args, max_positions), scalar=False)
+    # The tokenizer as saved beside the policy (our loader's pad token), for both.
+    return work, {"model": files["model"], "tokenizer": files["model"], "prompts_train": files["prompts_train"],
+                  "prompts_eval": files["prompts_eval"], "task": "describe"}
 
 
 def prepare_one_word(args, num_prompts: int, num_eval: int = 64) -> tuple[Path, dict[str, str]]:
@@ -264,14 +304,28 @@ def main() -> None:
                    help="our grpo.loss_aggregation; TRL's loss_type is its equal (token_mean: dapo)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--policy", default=None, help="start from this policy directory instead (same tokenizer)")
+    p.add_argument("--body", action="store_true",
+                   help="a random-init Llama-style policy of the --hidden/--layers/--heads/--intermediate/--kv-heads "
+                        "size instead of the quickstart's SFT policy (no held-out gold)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.spec)
         {"ours": child_ours, "trl": child_trl}[args.child](spec)
         return
+    import torch
+
+    if args.body and is_real(args):
+        p.error("--body is a random-init model: not with --model smollm2 or --model-path")
+    if not args.body and any(getattr(args, k) != p.get_default(k) for k in SIZE_ARGS):
+        p.error("the model-size arguments (--hidden, --layers, --heads, --intermediate, --kv-heads) need --body")
     shape_defaults(args, tiny=dict(steps=150, prompts=16, micro=32, response_length=24, lr=2e-4),
                    real=dict(steps=3, prompts=8, micro=16, response_length=16, lr=1e-6))
-    if is_real(args):
+    if args.body:
+        max_length = BODY_PROMPT_LENGTH + args.response_length
+        work, spec = prepare_body(args, max_positions=max(256, max_length))
+        spec.update(max_prompt_length=BODY_PROMPT_LENGTH, max_length=max_length)
+    elif is_real(args):
         work, spec = prepare_one_word(args, num_prompts=max(args.steps * args.prompts, 64))
         spec.update(max_prompt_length=96, max_length=96 + args.response_length)
     else:
@@ -282,7 +336,8 @@ def main() -> None:
         spec["model"] = args.policy
     spec.update(work=str(work), steps=args.steps, prompts=args.prompts, group=args.group, micro=args.micro,
                 response_length=args.response_length, lr=args.lr, beta=args.beta, loss=args.loss,
-                temperature=args.temperature, seed=42, ours=args.ours, device="cpu")
+                temperature=args.temperature, seed=42, ours=args.ours, precision=args.precision,
+                gold=not args.body, device="cuda" if torch.cuda.is_available() else "cpu")
     keys = ["episodes_per_s", "step_s", "first_step_s", "experience_s", "gen_s", "learn_s", "train_s",
             "response_length", "gold_start", "gold_end"]
     result = compare(__file__, spec, args.repeats, keys)

@@ -49,9 +49,10 @@ def arch_of(args: argparse.Namespace, max_positions: int = 256) -> dict:
 
 
 def prepare(work: Path, arch: dict, seed: int = 0, num_sft: int = 4000, num_pairs: int = 4000,
-            num_prompts: int = 2000) -> dict[str, str]:
-    """Task files, tokenizer, and a random-init causal LM (and a scalar-head model made
-    from it) saved once, so that both frameworks start from identical weights."""
+            num_prompts: int = 2000, scalar: bool = True) -> dict[str, str]:
+    """Task files, tokenizer, and a random-init causal LM (and, with `scalar`, a
+    scalar-head model made from it: `rm_model`) saved once, so that both frameworks start
+    from identical weights."""
     import torch
 
     from rlhf.config import ModelConfig, TokenizerConfig
@@ -69,13 +70,15 @@ def prepare(work: Path, arch: dict, seed: int = 0, num_sft: int = 4000, num_pair
         model = load_causal_lm(ModelConfig(arch=arch, dropout=0.0), tok)
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
-    if not (rm_dir / "config.json").exists():
+    if scalar and not (rm_dir / "config.json").exists():
         torch.manual_seed(seed + 1)
         rm = load_scalar_model(ModelConfig(path=str(model_dir), dropout=0.0), tok)
         rm.save_pretrained(rm_dir)
         tok.save_pretrained(rm_dir)
     out = {k: str(v) for k, v in files.items()}
-    out.update(model=str(model_dir), rm_model=str(rm_dir), tokenizer=str(work / "task" / "tokenizer"))
+    out.update(model=str(model_dir), tokenizer=str(work / "task" / "tokenizer"))
+    if scalar:
+        out["rm_model"] = str(rm_dir)
     return out
 
 
@@ -365,7 +368,8 @@ def compare(script: str, spec: dict, repeats: int, keys: list[str], who: tuple[s
         for w in who[i % len(who):] + who[:i % len(who)]:
             r = run_child(script, w, spec)
             runs[w].append(r)
-            print(f"  run {i + 1} {w}: " + ", ".join(f"{k}={r[k]:.4g}" for k in keys if k in r), flush=True)
+            print(f"  run {i + 1} {w}: " + ", ".join(f"{k}={r[k]:.4g}" for k in keys if r.get(k) is not None),
+                  flush=True)
     med = {w: {k: statistics.median(r[k] for r in rs) for k, v in rs[0].items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)} for w, rs in runs.items()}
     return {"median": med, "runs": runs, "spec": spec, "host": host()}
