@@ -12,7 +12,8 @@ each one optimizer step on the 64 samples in 2 micro-batches of 32. In TRL's ter
 per_device_train_batch_size 32, gradient_accumulation_steps 2, num_mini_batches 1.
 
 Measured: episodes (prompt + response) per second over the whole training loop
-(generation, scoring, updates), and the child's peak RSS.
+(generation, scoring, updates), the first step's time and the median of the others
+(common.step_times), and the child's peak RSS.
 
     python benchmarks/bench_ppo.py --out benchmarks/results/ppo_cpu.json
 
@@ -229,7 +230,8 @@ def main() -> None:
                 ppo_epochs=args.ppo_epochs, response_length=args.response_length,
                 lr=args.lr if args.lr is not None else 1e-6 if real else 1e-4, seed=42,
                 precision=args.precision, ours=args.ours, device="cuda" if torch.cuda.is_available() else "cpu")
-    keys = ["episodes_per_s", "train_s"] + (["experience_s", "learn_s"] if args.phases else [])
+    keys = ["episodes_per_s", "train_s", "step_s", "first_step_s"]
+    keys += ["experience_s", "learn_s"] if args.phases else []
     if real:
         keys = ["step_s", "first_step_s", "steps_sum_s", "experience_s", "learn_s", "gen_s", "score_s",
                 "episodes_per_s", "train_s", "gflops", "matmul_gflops", "of_matmul"]
