@@ -21,7 +21,17 @@
 # policy with vLLM against HF generate as the rollout engine (generation time, episodes/s).
 # It needs vllm there: the lent image has none and its CUDA wheel is over what a call can
 # carry (64 MiB), so on that image it cannot run.
-# Next time, in the main call's place (the allocator fix is in since): PPO's first step.
+# With PART=grpo (a call of its own, about 330 s with the setup; run it with
+#   run(command="PART=grpo bash benchmarks/gpu_run.sh", carry=[".gpu"], timeout_s=360)):
+#    GRPO on the same 1.0B body (random init, bench_grpo.py --body), bf16, 16 prompts x 8
+#    responses of up to 256 new tokens a step, micro-batches of 16, 4 steps, lr 1e-6: ours
+#    beside TRL's GRPOTrainer (episodes/s, median step, first step, generation time a step;
+#    no held-out gold, meaningless for a random policy) -> $OUT/grpo_1b.json and .log; then
+#    PPO as in the main call but 3 steps, for our first step since the allocator fix
+#    (first_step_s) -> $OUT/ppo_1b_first.json and .log. Each is cut off with `timeout`
+#    (200 s and 90 s): if PPO's TRL child is cut, our run's line in its .log still has
+#    first_step_s (the JSON is written only when both children are done).
+#    Dry run: PART=grpo bash benchmarks/gpu_run.sh --cpu
 # Writes JSON and each part's full log under $OUT (benchmarks/results/gpu when run by hand).
 set -uo pipefail
 MODE=gpu
@@ -38,10 +48,13 @@ if [[ $MODE == gpu ]]; then
     PPO=(--rollout 64 --micro 16 --response-length 128 --steps 5 --lr 1e-6 --precision bf16)
     PLAN=(configs/llama-8b-zero3.yaml --num-gpus 8 --stages sft)
     VLLM=("${MODEL[@]}" --rollout 64 --micro 16 --response-length 256 --steps 4 --precision bf16)
+    GRPO=(--prompts 16 --group 8 --micro 16 --response-length 256 --steps 4 --lr 1e-6 --precision bf16)
     WORK=/tmp/rlhf-gpu
     # Each part is cut off at its share of the call's 10 minutes (setup about 40 s): a part
     # that runs over still prints the runs it finished.
     SFT_LIMIT=(timeout 210) PPO_LIMIT=(timeout 180) PLAN_LIMIT=(timeout 60)
+    # PART=grpo: about 40 s setup + 200 + 90 = 330 s at most.
+    GRPO_LIMIT=(timeout 200) PPO_FIRST_LIMIT=(timeout 90)
 else
     OUT=${OUT:-/tmp/rlhf-gpu-dry/results}
     MODEL=(--hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2)
@@ -50,8 +63,9 @@ else
     PPO=(--rollout 8 --micro 4 --response-length 8 --steps 2 --lr 1e-6 --precision fp32)
     PLAN=(configs/quickstart.yaml --device cpu --stages sft)
     VLLM=("${MODEL[@]}" --rollout 8 --micro 4 --response-length 8 --steps 2 --precision fp32)
+    GRPO=(--prompts 4 --group 4 --micro 8 --response-length 8 --steps 2 --lr 1e-6 --precision fp32)
     WORK=/tmp/rlhf-gpu-dry
-    SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=()
+    SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=() GRPO_LIMIT=() PPO_FIRST_LIMIT=()
 fi
 SFT_PADDED=()
 for a in "${SFT[@]}"; do [[ $a == --packing ]] || SFT_PADDED+=("$a"); done
@@ -89,6 +103,15 @@ for conf in default expandable_segments:True; do
         --rows $FLOOR_ROWS --out "$OUT/sft_1b_alloc_${conf%%:*}.json" 2>&1 | tee "$OUT/sft_1b_alloc_${conf%%:*}.log" \
         | grep -E "^\||run |Error|error" ; echo "$conf: $((SECONDS - start)) s"
 done
+elif [[ ${PART} == grpo ]]; then
+# PART=grpo: GRPO ours / TRL on the 1.0B body, then PPO's first step (see the header).
+echo "== GRPO ($MODE)"
+"${GRPO_LIMIT[@]}" $PY benchmarks/bench_grpo.py --work $WORK --repeats 1 --body "${MODEL[@]}" "${GRPO[@]}" \
+    --out "$OUT/grpo_1b.json" 2>&1 | tee "$OUT/grpo_1b.log" | grep -E "^\||run |Error|error" ; echo "grpo: $((SECONDS - start)) s"
+echo "== PPO, 3 steps: the first step ($MODE)"
+"${PPO_FIRST_LIMIT[@]}" $PY benchmarks/bench_ppo.py --work $WORK --repeats 1 "${MODEL[@]}" "${PPO[@]}" --steps 3 \
+    --phases --out "$OUT/ppo_1b_first.json" 2>&1 | tee "$OUT/ppo_1b_first.log" | grep -E "^\||run |Error|error"
+echo "total: $((SECONDS - start)) s"
 else
 # PART=vllm (a second call): PPO and GRPO with vLLM against HF generate as the rollout
 # engine, on the same 1.0B policy. Needs vllm on the machine (the image or .gpu/wheels);
