@@ -21,8 +21,10 @@
 # policy with vLLM against HF generate as the rollout engine (generation time, episodes/s).
 # It needs vllm there: the lent image has none and its CUDA wheel is over what a call can
 # carry (64 MiB), so on that image it cannot run.
-# With PART=grpo (a call of its own, about 330 s with the setup; run it with
+# With PART=grpo (a call of its own, at most about 330 s with the setup; run it with
 #   run(command="PART=grpo bash benchmarks/gpu_run.sh", carry=[".gpu"], timeout_s=360)):
+#    first benchmarks/decoding.py on the same body (128 rows x 128 tokens: our decoding
+#    loop beside HF generate, ms a step) -> $OUT/decoding_1b.json; then
 #    GRPO on the same 1.0B body (random init, bench_grpo.py --body), bf16, 16 prompts x 8
 #    responses of up to 256 new tokens a step, micro-batches of 16, 4 steps, lr 1e-6: ours
 #    beside TRL's GRPOTrainer (episodes/s, median step, first step, generation time a step;
@@ -53,8 +55,9 @@ if [[ $MODE == gpu ]]; then
     # Each part is cut off at its share of the call's 10 minutes (setup about 40 s): a part
     # that runs over still prints the runs it finished.
     SFT_LIMIT=(timeout 210) PPO_LIMIT=(timeout 180) PLAN_LIMIT=(timeout 60)
-    # PART=grpo: about 40 s setup + 200 + 90 = 330 s at most.
-    GRPO_LIMIT=(timeout 200) PPO_FIRST_LIMIT=(timeout 90)
+    # PART=grpo: about 30 s setup + 60 + 200, then PPO with what is left of 320 s.
+    DECODE=(--rows 128 --new-tokens 128) DECODE_LIMIT=(timeout 60) GRPO_LIMIT=(timeout 200)
+    PPO_FIRST_LIMIT=(timeout 90)
 else
     OUT=${OUT:-/tmp/rlhf-gpu-dry/results}
     MODEL=(--hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2)
@@ -65,7 +68,8 @@ else
     VLLM=("${MODEL[@]}" --rollout 8 --micro 4 --response-length 8 --steps 2 --precision fp32)
     GRPO=(--prompts 4 --group 4 --micro 8 --response-length 8 --steps 2 --lr 1e-6 --precision fp32)
     WORK=/tmp/rlhf-gpu-dry
-    SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=() GRPO_LIMIT=() PPO_FIRST_LIMIT=()
+    SFT_LIMIT=() PPO_LIMIT=() PLAN_LIMIT=() GRPO_LIMIT=() PPO_FIRST_LIMIT=() DECODE_LIMIT=()
+    DECODE=(--rows 16 --new-tokens 16)
 fi
 SFT_PADDED=()
 for a in "${SFT[@]}"; do [[ $a == --packing ]] || SFT_PADDED+=("$a"); done
@@ -104,13 +108,22 @@ for conf in default expandable_segments:True; do
         | grep -E "^\||run |Error|error" ; echo "$conf: $((SECONDS - start)) s"
 done
 elif [[ ${PART} == grpo ]]; then
-# PART=grpo: GRPO ours / TRL on the 1.0B body, then PPO's first step (see the header).
+# PART=grpo: decoding, GRPO ours / TRL on the 1.0B body, then PPO's first step (see the header).
+echo "== decoding ($MODE)"
+"${DECODE_LIMIT[@]}" $PY benchmarks/decoding.py "${MODEL[@]}" "${DECODE[@]}" --out "$OUT/decoding_1b.json" 2>&1 \
+    | grep -E "a step|Error|error"; echo "decoding: $((SECONDS - start)) s"
 echo "== GRPO ($MODE)"
 "${GRPO_LIMIT[@]}" $PY benchmarks/bench_grpo.py --work $WORK --repeats 1 --body "${MODEL[@]}" "${GRPO[@]}" \
     --out "$OUT/grpo_1b.json" 2>&1 | tee "$OUT/grpo_1b.log" | grep -E "^\||run |Error|error" ; echo "grpo: $((SECONDS - start)) s"
 echo "== PPO, 3 steps: the first step ($MODE)"
-"${PPO_FIRST_LIMIT[@]}" $PY benchmarks/bench_ppo.py --work $WORK --repeats 1 "${MODEL[@]}" "${PPO[@]}" --steps 3 \
-    --phases --out "$OUT/ppo_1b_first.json" 2>&1 | tee "$OUT/ppo_1b_first.log" | grep -E "^\||run |Error|error"
+left=$((300 - SECONDS))  # of the call's 320 s
+[[ $MODE == gpu ]] && PPO_FIRST_LIMIT=(timeout $left)
+if [[ $MODE == cpu ]] || ((left > 40)); then
+    "${PPO_FIRST_LIMIT[@]}" $PY benchmarks/bench_ppo.py --work $WORK --repeats 1 "${MODEL[@]}" "${PPO[@]}" --steps 3 \
+        --phases --out "$OUT/ppo_1b_first.json" 2>&1 | tee "$OUT/ppo_1b_first.log" | grep -E "^\||run |Error|error"
+else
+    echo "skipped: $left s left"
+fi
 echo "total: $((SECONDS - start)) s"
 else
 # PART=vllm (a second call): PPO and GRPO with vLLM against HF generate as the rollout

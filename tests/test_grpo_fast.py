@@ -308,7 +308,9 @@ def test_decoding_drops_stopped_rows_and_samples_what_hf_generate_samples(tokeni
     the tokens and log-probs of HF `generate` running the same sampler on every row,
     under one seed: greedy and sampled (temperature, top-k, top-p, min_new_tokens),
     rows stopping at different steps, prompts of different lengths, each prompt alone
-    or prefilled once per group; and the same again when the cache keeps every row."""
+    or prefilled once per group; and the same again when the cache keeps every row.
+    Every forward runs with cuDNN's attention kernel off (attention_without_plans),
+    and it is back on afterwards."""
     from rlhf.config import ModelConfig, RolloutConfig
     from rlhf.models import load_causal_lm
     from rlhf.rollout import hf
@@ -324,8 +326,14 @@ def test_decoding_drops_stopped_rows_and_samples_what_hf_generate_samples(tokeni
     G = 3
     prompt_ids, prompt_mask, _, _ = rollout_batch(len(tokenizer), pad, eos, G, prompt_lengths=(5, 1, 7, 3))
     B, drop_rows = prompt_ids.shape[0], hf.drop_rows
-    rows = []  # the rows each forward reads
-    model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    rows, cudnn = [], []  # the rows each forward reads; whether cuDNN's attention was allowed
+
+    def record(module, args, out):
+        rows.append(args[0].shape[0])
+        cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+    model.get_input_embeddings().register_forward_hook(record)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
     settings = [(True, RolloutConfig(max_new_tokens=10)),
                 (False, RolloutConfig(max_new_tokens=10, temperature=0.8)),
                 (False, RolloutConfig(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9, min_new_tokens=2))]
@@ -340,8 +348,10 @@ def test_decoding_drops_stopped_rows_and_samples_what_hf_generate_samples(tokeni
             monkeypatch.setattr(hf, "drop_rows", drop_rows if can_drop else (lambda cache: False))
             torch.manual_seed(5)
             rows.clear()
+            cudnn.clear()
             ids, lp = hf.sample_responses(model, prompt_ids, prompt_mask, cfg, [eos], pad, greedy, with_logprobs=True,
                                           group=group)
+            assert cudnn and not any(cudnn) and torch.backends.cuda.cudnn_sdp_enabled()
             assert torch.equal(ids, ref_ids), (greedy, group, can_drop)
             assert torch.allclose(lp, ref_lp * ref_mask, atol=1e-5)
             assert (lp[ref_mask == 0] == 0).all()

@@ -157,39 +157,60 @@ def sample_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     every row, fed pad, as `generate` does). With `group` > 1 (rows `k group .. k group
     + group - 1` are copies of one prompt), the prompts' key/value cache is computed
     once per group and repeated for its rows (`shared_prompt_cache`). Both change only
-    the rounding of a batch shape; the random numbers drawn are the same.
+    the rounding of a batch shape; the random numbers drawn are the same. Attention runs
+    without cuDNN's kernel meanwhile (`attention_without_plans`).
     """
     stop_ids = as_stop_ids(stop_ids)
     steps = SamplingSteps(s, stop_ids, pad_id, greedy, with_logprobs)
     forward = DecodingForward(model)
     B, device = prompt_ids.shape[0], prompt_ids.device
     ids, mask, pos, cache = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), None
-    if group > 1 and prompt_ids.shape[1] > 1:
-        cache = shared_prompt_cache(forward, prompt_ids, prompt_mask, group)
-        ids, pos = ids[:, -1:], pos[:, -1:]
     tokens = torch.full((B, s.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, s.max_new_tokens, device=device) if with_logprobs else None
     rows = torch.arange(B, device=device)  # the batch rows still in the computed batch, in its order
     stopped = torch.zeros(B, dtype=torch.bool, device=device)  # of those, the ones that have stopped
     stop = torch.tensor(stop_ids, device=device)
     width = 0
-    for t in range(s.max_new_tokens):
-        logits, cache = forward(ids, mask, pos, cache)
-        token, logprob = steps(logits, t, rows, B)
-        token = token.masked_fill(stopped, pad_id)
-        tokens[rows, t] = token
-        if with_logprobs:
-            logprobs[rows, t] = logprob.masked_fill(stopped, 0.0)
-        width = t + 1
-        stopped = stopped | torch.isin(token, stop)
-        if bool(stopped.all()):
-            break
-        ids, mask, pos = token[:, None], torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), pos[:, -1:] + 1
-        if drop_rows(cache) and bool(stopped.any()):
-            keep = (~stopped).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, ids, mask, pos, stopped = rows[keep], ids[keep], mask[keep], pos[keep], stopped[keep]
+    with attention_without_plans():
+        if group > 1 and prompt_ids.shape[1] > 1:
+            cache = shared_prompt_cache(forward, prompt_ids, prompt_mask, group)
+            ids, pos = ids[:, -1:], pos[:, -1:]
+        for t in range(s.max_new_tokens):
+            logits, cache = forward(ids, mask, pos, cache)
+            token, logprob = steps(logits, t, rows, B)
+            token = token.masked_fill(stopped, pad_id)
+            tokens[rows, t] = token
+            if with_logprobs:
+                logprobs[rows, t] = logprob.masked_fill(stopped, 0.0)
+            width = t + 1
+            stopped = stopped | torch.isin(token, stop)
+            if bool(stopped.all()):
+                break
+            ids, mask, pos = token[:, None], torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), pos[:, -1:] + 1
+            if drop_rows(cache) and bool(stopped.any()):
+                keep = (~stopped).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, ids, mask, pos, stopped = rows[keep], ids[keep], mask[keep], pos[keep], stopped[keep]
     return tokens[:, :width], logprobs[:, :width] if with_logprobs else None
+
+
+def attention_without_plans():
+    """Scaled-dot-product attention without cuDNN's kernel, for decoding (the other
+    kernels the process allows stay as they are). On CUDA, torch prefers cuDNN's
+    attention where it can run, and cuDNN builds an execution plan for every new
+    shape: about 2 ms a layer on an H200, where the whole decoding step of a 1B model
+    is 13 ms. Decoding makes new shapes all the time (the cache grows a column a step,
+    rows leave the batch), so it paid that on most steps: benchmarks/decoding.py,
+    128 rows x 128 tokens, 70.7 ms a step with rows leaving, 16.2 ms with every row
+    kept (its shapes repeat from one call to the next). A no-op on the CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = [b for b, on in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+                               (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+                               (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
+    if not allowed:  # the process allows cuDNN's kernel alone: keep it
+        return contextlib.nullcontext()
+    return sdpa_kernel(allowed + [SDPBackend.OVERRIDEABLE])
 
 
 class DecodingForward:
