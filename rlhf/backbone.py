@@ -188,6 +188,35 @@ def set_cuda_allocator(env: dict) -> None:
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)
 
 
+MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_cpu_memory(env: dict) -> bool:
+    """On glibc, serve large allocations from the heap and keep freed memory in the
+    process (mallopt: no mmap'd chunks, trim only above 2 GiB), unless the environment
+    sets any of MALLOC_SETTINGS (the user's choice wins). Whether it was applied.
+
+    By default glibc maps every buffer over 32 MB afresh and unmaps it when freed, so
+    each training step pays page faults again for its large tensors (logits chunks,
+    dense embedding gradients): a fresh 85 MB buffer cost 32 ms to touch on the
+    development machine against 4 ms to refill an old one. SmolLM2-135M GRPO on 2
+    CPU cores: 5-13% more episodes/s, 12-13% more peak RSS (benchmarks/RESULTS.md,
+    GRPO, "Stop 24")."""
+    import ctypes
+    import ctypes.util
+
+    if any(k in env for k in MALLOC_SETTINGS):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS): nothing to set
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 class Backbone:
     """Distributed state and the few verbs a trainer needs.
 
@@ -202,8 +231,11 @@ class Backbone:
         """`timeout_minutes`: how long a collective waits for the other ranks before it
         fails (a rank that died or stalls then ends the others instead of hanging them).
         Fixed when the process group starts: a second Backbone keeps the first's."""
-        if torch.cuda.is_available() and not torch.cuda.is_initialized():
-            set_cuda_allocator(os.environ)
+        if torch.cuda.is_available():
+            if not torch.cuda.is_initialized():
+                set_cuda_allocator(os.environ)
+        else:
+            keep_freed_cpu_memory(os.environ)
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1")

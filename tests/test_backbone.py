@@ -92,3 +92,34 @@ def test_cuda_allocator_setting_leaves_the_users_value():
     env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
     set_cuda_allocator(env)
     assert env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+
+
+def test_cpu_runs_keep_freed_memory():
+    """keep_freed_cpu_memory (glibc): a large buffer freed and made again is no longer
+    fresh memory (without it, every touched page of it faults again); a MALLOC_*
+    variable in the environment leaves glibc as it is. In a process of its own, since
+    the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from rlhf.backbone import keep_freed_cpu_memory
+
+def faults():
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 * 2**20 // 4).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+faults()
+before = faults()
+assert not keep_freed_cpu_memory({"MALLOC_TRIM_THRESHOLD_": "131072"})
+assert faults() > 8000, "glibc left alone maps a 64 MiB buffer afresh"
+assert keep_freed_cpu_memory({})
+faults()
+after = faults()
+print(before, after)
+assert before > 8000 and after < 1000, (before, after)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
