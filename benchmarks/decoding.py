@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import model_arch, save  # noqa: E402
+from common import arch_of, save  # noqa: E402
 
 
 def main() -> None:
@@ -55,8 +55,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    arch = model_arch(args.hidden, args.layers, args.heads, args.prompt_length + args.new_tokens + 8,
-                      args.intermediate, args.kv_heads)
+    arch = arch_of(args, max_positions=args.prompt_length + args.new_tokens + 8)
     config = AutoConfig.for_model(**arch, vocab_size=args.vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
@@ -68,7 +67,6 @@ def main() -> None:
         mask[i, : i % 8] = 0
     ids = ids.masked_fill(mask == 0, 0).to(device)
     mask = mask.to(device)
-    cfg = RolloutConfig(max_new_tokens=args.new_tokens, temperature=1.0)
     keep_rows = hf.drop_rows
 
     def sync():
@@ -82,8 +80,8 @@ def main() -> None:
                                      top_k=0, top_p=1.0, temperature=1.0, eos_token_id=2, pad_token_id=0)
                 return out.shape[1] - ids.shape[1]
             hf.drop_rows = keep_rows if who == "ours" else (lambda cache: False)
-            c = RolloutConfig(max_new_tokens=new_tokens, temperature=1.0)
-            tokens, _ = hf.sample_responses(model, ids, mask, c, [2], 0)
+            cfg = RolloutConfig(max_new_tokens=new_tokens, temperature=1.0)
+            tokens, _ = hf.sample_responses(model, ids, mask, cfg, [2], 0)
             hf.drop_rows = keep_rows
             return tokens.shape[1]
 
@@ -94,7 +92,7 @@ def main() -> None:
         sync()
         torch.manual_seed(2)
         t0 = time.perf_counter()
-        steps = run(who, cfg.max_new_tokens)
+        steps = run(who, args.new_tokens)
         sync()
         seconds = time.perf_counter() - t0
         result[who] = {"s": seconds, "steps": steps, "ms_per_step": 1000 * seconds / steps}
@@ -104,10 +102,10 @@ def main() -> None:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=acts) as prof:
-            run("ours", min(cfg.max_new_tokens, 64))
+            run("ours", min(args.new_tokens, 64))
             sync()
-        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=20))
+        if device == "cuda":
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, dict) and "s" in v}))
     save(result, args.out)

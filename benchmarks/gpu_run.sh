@@ -31,8 +31,9 @@
 #    no held-out gold, meaningless for a random policy) -> $OUT/grpo_1b.json and .log; then
 #    PPO as in the main call but 3 steps, for our first step since the allocator fix
 #    (first_step_s) -> $OUT/ppo_1b_first.json and .log. Each is cut off with `timeout`
-#    (200 s and 90 s): if PPO's TRL child is cut, our run's line in its .log still has
-#    first_step_s (the JSON is written only when both children are done).
+#    (decoding 60 s, GRPO 200 s, PPO what is left of 300 s, skipped under 40 s): if PPO's
+#    TRL child is cut, our run's line in its .log still has first_step_s (the JSON is
+#    written only when both children are done).
 #    Dry run: PART=grpo bash benchmarks/gpu_run.sh --cpu
 # Writes JSON and each part's full log under $OUT (benchmarks/results/gpu when run by hand).
 set -uo pipefail
@@ -57,7 +58,6 @@ if [[ $MODE == gpu ]]; then
     SFT_LIMIT=(timeout 210) PPO_LIMIT=(timeout 180) PLAN_LIMIT=(timeout 60)
     # PART=grpo: about 30 s setup + 60 + 200, then PPO with what is left of 320 s.
     DECODE=(--rows 128 --new-tokens 128) DECODE_LIMIT=(timeout 60) GRPO_LIMIT=(timeout 200)
-    PPO_FIRST_LIMIT=(timeout 90)
 else
     OUT=${OUT:-/tmp/rlhf-gpu-dry/results}
     MODEL=(--hidden 64 --intermediate 128 --layers 2 --heads 4 --kv-heads 2)
